@@ -1,0 +1,34 @@
+# Every target bootstraps its own virtual environment: on a fresh machine `make demo` and
+# `make test` are the only two commands needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ptxseg-installed
+export HF_HUB_OFFLINE ?= 1
+export PYTHONDONTWRITEBYTECODE = 1
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ptxseg demo --out demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/predict_throughput.py
+	$(BIN)/python benchmarks/tune_speed.py
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache

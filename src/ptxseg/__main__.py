@@ -1,0 +1,3 @@
+from ptxseg.cli import run
+
+run()

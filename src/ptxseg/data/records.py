@@ -1,0 +1,33 @@
+"""The one type that crosses from the dataset layouts to the rest of the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RleMask:
+    """A mask given as SIIM run-length rows (one per lesion, OR-ed); empty tuple = no lesion."""
+
+    rles: tuple[str, ...]
+    source: str = ""  # the CSV it came from, for error messages
+
+
+@dataclass(frozen=True)
+class Record:
+    """One radiograph and (optionally) its ground truth.
+
+    Args:
+        id: unique id within the dataset (file stem, SOPInstanceUID, ``Site1/3``...).
+        image: path of the image file (PNG, JPEG or DICOM).
+        mask: a PNG mask path, an :class:`RleMask`, or ``None`` when no ground truth exists.
+        has_pneumothorax: the label, ``None`` when unknown (no ground truth).
+        patient_id: patient identifier where known (DICOM header), used to group the split.
+    """
+
+    id: str
+    image: Path
+    mask: Path | RleMask | None = None
+    has_pneumothorax: bool | None = None
+    patient_id: str | None = None

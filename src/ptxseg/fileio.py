@@ -1,0 +1,69 @@
+"""Atomic file writing: a kill at any moment leaves the old file or the new one, never half.
+
+Every file the project writes goes through these helpers (temp file in the same folder,
+fsync, ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success rename it over ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Deterministic JSON (sorted keys are NOT used: key order is part of the layout)."""
+    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def write_png(path: str | Path, array) -> None:
+    """Write a uint8 (H, W) or (H, W, 3 BGR) array as PNG, atomically."""
+    import cv2
+
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:  # pragma: no cover - cv2 only fails on unsupported dtypes
+        raise ValueError(f"{path}: could not encode PNG")
+    write_bytes(path, buf.tobytes())
+
+
+def save_figure(path: str | Path, fig, **kwargs: Any) -> None:
+    """Save a matplotlib figure atomically (format from the suffix)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format=fmt, **kwargs)

@@ -1,0 +1,224 @@
+"""Build the network from the config; load run checkpoints safely.
+
+The network is wrapped in :class:`SegModel`, which takes raw gray radiographs (values in
+[0, 255], one channel) and does the normalisation itself: ImageNet mean/std after repeating
+the gray channel three times. The data pipeline therefore ships uint8 to the device (4x less
+transfer than float32), and an exported ONNX graph needs no preprocessing beyond a resize.
+No network access is needed to normalise (smp's ``get_preprocessing_params`` may call the hub).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ptxseg.config import Config, ModelConfig, load_run_config
+from ptxseg.errors import CheckpointError, ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SegModel(nn.Module):
+    """Normalisation + an smp segmentation network.
+
+    Shape:
+        - input: ``(B, 1, H, W)``, any dtype, values in [0, 255] (H, W multiples of 32)
+        - output: ``(B, 1, H, W)`` float logits
+    """
+
+    def __init__(self, net: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.net = net
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() * (1.0 / 255.0)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = (x - self.mean) / self.std
+        return self.net(x)
+
+
+def available_architectures() -> dict[str, type]:
+    import segmentation_models_pytorch as smp
+
+    mapping = getattr(smp, "MODEL_ARCHITECTURES_MAPPING", None)
+    if mapping is None:  # pragma: no cover - older smp
+        mapping = {
+            "unet": smp.Unet,
+            "unetplusplus": smp.UnetPlusPlus,
+            "fpn": smp.FPN,
+            "deeplabv3plus": smp.DeepLabV3Plus,
+        }
+    return {k.lower(): v for k, v in mapping.items()}
+
+
+def available_encoders() -> list[str]:
+    import segmentation_models_pytorch as smp
+
+    return sorted(smp.encoders.get_encoder_names())
+
+
+def build_model(cfg: ModelConfig, *, pretrained: bool = True) -> SegModel:
+    """Build ``SegModel`` from the model section of the config.
+
+    Args:
+        cfg: ``arch`` (any smp architecture), ``encoder`` (any smp encoder),
+            ``encoder_weights`` (``imagenet``, ``None``, or a local weights file).
+        pretrained: ``False`` skips loading encoder weights (when a checkpoint follows).
+    """
+    archs = available_architectures()
+    arch = cfg.arch.lower()
+    if arch not in archs:
+        raise ConfigError(
+            f"model.arch: unknown architecture '{cfg.arch}' (valid: {', '.join(sorted(archs))})"
+        )
+    encoders = available_encoders()
+    if cfg.encoder not in encoders:
+        raise ConfigError(
+            f"model.encoder: unknown encoder '{cfg.encoder}' (valid: {', '.join(encoders)})"
+        )
+    weights = cfg.encoder_weights if pretrained else None
+    local_file: Path | None = None
+    if weights is not None and (
+        Path(weights).suffix in (".pth", ".pt", ".bin", ".safetensors") or Path(weights).exists()
+    ):
+        local_file = Path(weights)
+        weights = None
+    try:
+        net = archs[arch](
+            encoder_name=cfg.encoder, encoder_weights=weights, in_channels=3, classes=1
+        )
+    except KeyError as exc:
+        raise ConfigError(
+            f"model.encoder_weights: '{cfg.encoder_weights}' is not available for "
+            f"{cfg.encoder} ({exc})"
+        ) from None
+    except (OSError, ConnectionError) as exc:
+        raise ConfigError(
+            f"model.encoder_weights: could not download '{cfg.encoder_weights}' weights for "
+            f"{cfg.encoder} ({type(exc).__name__}); offline, set encoder_weights to a local file "
+            "(see README: offline pretrained weights) or null"
+        ) from None
+    if local_file is not None:
+        load_encoder_weights(net, local_file)
+    return SegModel(net)
+
+
+def load_encoder_weights(net: nn.Module, path: Path) -> None:
+    """Load an encoder state dict saved with ``torch.save(net.encoder.state_dict(), path)``
+    (or a ``.safetensors`` file) into ``net.encoder``."""
+    if not path.exists():
+        raise ConfigError(f"model.encoder_weights: {path}: file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user problem
+        raise ConfigError(
+            f"model.encoder_weights: {path}: not a readable weights file ({type(exc).__name__})"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {k.removeprefix("encoder."): v for k, v in state.items()}
+    # nn.Module's own method: smp encoders override it without returning the key report
+    result = nn.Module.load_state_dict(net.encoder, state, strict=False)
+    if result.missing_keys:
+        raise ConfigError(
+            f"model.encoder_weights: {path}: does not match encoder "
+            f"({len(result.missing_keys)} missing keys, e.g. {result.missing_keys[0]})"
+        )
+
+
+def _torch_load(path: Path) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"{path}: refusing to load: the checkpoint carries pickled objects that are not "
+                "plain weights (loaded with weights_only=True)"
+            ) from None
+        raise CheckpointError(f"{path}: not a valid checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: truncated or not a checkpoint ({first[:120]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a ptxseg checkpoint (no state_dict)")
+    return obj
+
+
+def model_state_from_checkpoint(obj: dict, path: Path) -> dict[str, torch.Tensor]:
+    """Extract SegModel weights from a Lightning checkpoint (keys ``model.*``), tolerating the
+    ``_orig_mod.`` infix that ``torch.compile`` adds."""
+    state = obj.get("state_dict", obj)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a ptxseg checkpoint (no state_dict)")
+    out = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not key.startswith("model."):
+            continue
+        key = key.removeprefix("model.").replace("_orig_mod.", "")
+        out[key] = value
+    if not out:
+        raise CheckpointError(f"{path}: not a ptxseg checkpoint (no model weights)")
+    return out
+
+
+def load_model(cfg: Config, ckpt_path: str | Path) -> SegModel:
+    """Build the model of ``cfg`` and load the weights of a checkpoint into it (eval mode)."""
+    path = Path(ckpt_path)
+    obj = _torch_load(path)
+    state = model_state_from_checkpoint(obj, path)
+    model = build_model(cfg.model, pretrained=False)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        sample = (missing or unexpected)[0]
+        raise CheckpointError(
+            f"{path}: does not match the config (model.arch={cfg.model.arch}, "
+            f"model.encoder={cfg.model.encoder}): {len(missing)} missing and "
+            f"{len(unexpected)} unexpected weights, e.g. '{sample}'"
+        )
+    bad = [k for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        raise CheckpointError(
+            f"{path}: does not match the config (model.encoder={cfg.model.encoder}): "
+            f"{len(bad)} weights of another shape, e.g. '{bad[0]}' "
+            f"{tuple(state[bad[0]].shape)} vs {tuple(expected[bad[0]].shape)}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load_run_model(run_dir: str | Path, which: str = "best") -> tuple[SegModel, Config]:
+    """The model and config of a run folder (``best.ckpt`` by default, or ``last``)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    return load_model(cfg, run_dir / f"{which}.ckpt"), cfg
+
+
+def save_model_checkpoint(model: SegModel, path: str | Path) -> None:
+    """Save weights in the same layout as the training checkpoints (``state_dict`` with
+    ``model.`` keys), atomically. Used by tests and tools that build a run folder by hand."""
+    from ptxseg.fileio import atomic_open
+
+    state = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_open(path, "wb") as fh:
+        torch.save({"state_dict": state}, fh)
