@@ -19,7 +19,7 @@ class Record:
     """One radiograph and (optionally) its ground truth.
 
     Args:
-        id: unique id within the dataset (file stem, SOPInstanceUID, ``Site1/3``...).
+        id: unique id within the dataset (file stem, SOPInstanceUID, ``SiteA_3``...).
         image: path of the image file (PNG, JPEG or DICOM).
         mask: a PNG mask path, an :class:`RleMask`, or ``None`` when no ground truth exists.
         has_pneumothorax: the label, ``None`` when unknown (no ground truth).

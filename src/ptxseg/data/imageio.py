@@ -1,0 +1,350 @@
+"""Read radiographs and masks into plain numpy arrays.
+
+Images become ``uint8`` (H, W) grayscale whatever they were on disk:
+
+* PNG / JPEG / TIFF / BMP (via Pillow): 8-bit gray as is; RGB(A) / palette to luma (ITU-R 601,
+  alpha ignored); 16-bit or 32-bit gray stretched linearly from the image's min..max to 0..255
+  (16-bit RGB is reduced to 8 bits by Pillow, i.e. its high byte).
+* DICOM (via pydicom; compressed transfer syntaxes use the installed handlers, Pillow for the
+  JPEG Baseline files of SIIM-ACR): the modality LUT / rescale slope+intercept is applied, then
+  the first VOI window (WindowCenter/WindowWidth, DICOM linear function) or VOI LUT where the
+  header has one; otherwise 8-bit data is kept as is and deeper data is stretched min..max.
+  MONOCHROME1 is inverted so that air is always dark. Multi-frame files give their first frame.
+
+Masks become ``uint8`` (H, W) in {0, 1}: any non-zero PNG pixel is foreground; run-length
+masks (:class:`~ptxseg.data.records.RleMask`) are decoded at the image size, rows OR-ed.
+
+Every failure is a :class:`~ptxseg.errors.DataError` naming the file. Headers that claim more
+than ``MAX_PIXELS`` pixels are refused before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ptxseg.data.records import Record, RleMask
+from ptxseg.data.rle import MAX_PIXELS, decode_rows
+from ptxseg.errors import DataError
+
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"} | DICOM_SUFFIXES
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What :func:`probe_image` learns from a header: size, bits per sample, channels."""
+
+    width: int
+    height: int
+    bit_depth: int
+    channels: int
+    format: str  # "PNG", "JPEG", "DICOM" ...
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def is_dicom(path: str | Path) -> bool:
+    """DICOM by suffix, or by the ``DICM`` magic at byte 128 (files without a suffix)."""
+    path = Path(path)
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _check_pixels(path: Path, width: int, height: int, frames: int = 1, channels: int = 1) -> None:
+    total = int(width) * int(height) * max(int(frames), 1) * max(int(channels), 1)
+    if width <= 0 or height <= 0:
+        raise DataError(path, f"header claims an empty image ({width}x{height})")
+    if total > MAX_PIXELS:
+        raise DataError(
+            path, f"header claims {width}x{height} pixels, above the {MAX_PIXELS} limit; refused"
+        )
+
+
+def _stretch(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """Linear map of [lo, hi] (default: the array's min..max) to uint8 0..255."""
+    arr = np.asarray(arr, dtype=np.float64)
+    lo = float(np.nanmin(arr)) if lo is None else lo
+    hi = float(np.nanmax(arr)) if hi is None else hi
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    out = (arr - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _to_gray(arr: np.ndarray) -> np.ndarray:
+    """(H, W, C) RGB(A) -> (H, W) luma (ITU-R 601-2, the weights Pillow uses)."""
+    rgb = arr[..., :3].astype(np.float32)
+    gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    return gray
+
+
+# ----------------------------------------------------------------------------- raster (Pillow)
+
+
+def _open_pil(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(path, f"header claims too many pixels; refused ({exc})") from None
+    except UnidentifiedImageError:
+        raise DataError(path, "not a readable image (unknown or corrupt format)") from None
+    except OSError as exc:
+        raise DataError(path, f"cannot read image ({exc})") from None
+    w, h = im.size
+    _check_pixels(path, w, h, channels=len(im.getbands()))
+    return im
+
+
+def _load_pil(path: Path, *, palette_indices: bool = False) -> tuple[np.ndarray, str]:
+    """Decode a raster file fully -> (array, mode). Palette images become gray through their
+    palette, or stay palette indices with ``palette_indices`` (label masks)."""
+    from PIL import Image
+
+    im = _open_pil(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.load()
+        mode = im.mode
+        if mode == "1":
+            arr, mode = np.asarray(im, dtype=np.uint8) * np.uint8(255), "L"
+        elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            arr, mode = np.asarray(im.convert("RGB")), "RGB"
+        elif mode in ("P", "PA") and not palette_indices:
+            arr, mode = np.asarray(im.convert("RGB")), "RGB"
+        elif mode == "PA":
+            arr, mode = np.asarray(im)[..., 0], "P"
+        else:
+            arr = np.asarray(im)
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError) as exc:
+        problem = str(exc) or type(exc).__name__
+        raise DataError(path, f"not a readable image ({problem})") from None
+    finally:
+        im.close()
+    return arr, mode
+
+
+def _raster_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    if arr.ndim == 3:
+        if mode in ("LA", "La"):
+            arr = arr[..., 0]
+        else:
+            gray = _to_gray(arr)
+            return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    return _stretch(arr)  # 16/32-bit integer or float gray
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+def _dcmread(path: Path, **kwargs):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        try:
+            return pydicom.dcmread(path, **kwargs)
+        except InvalidDicomError:
+            ds = pydicom.dcmread(path, force=True, **kwargs)
+            if "Rows" not in ds and "SOPInstanceUID" not in ds:
+                raise DataError(path, "not a DICOM file") from None
+            return ds
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except Exception as exc:  # pydicom raises many types on corrupt headers
+        raise DataError(path, f"cannot read DICOM header ({type(exc).__name__}: {exc})") from None
+
+
+def _has_pixels(ds) -> bool:
+    return any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _first(value) -> float:
+    try:
+        return float(value[0]) if not isinstance(value, (str, bytes)) else float(value)
+    except TypeError:
+        return float(value)
+
+
+def _window_linear(arr: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2.1 linear VOI function, output 0..255."""
+    arr = arr.astype(np.float64)
+    if width <= 1:
+        return np.where(arr > center - 0.5, 255, 0).astype(np.uint8)
+    out = ((arr - (center - 0.5)) / (width - 1) + 0.5) * 255.0
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = _dcmread(path)
+    if not _has_pixels(ds):
+        raise DataError(path, "DICOM file has no pixel data")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    _check_pixels(path, cols, rows, frames, int(ds.get("SamplesPerPixel", 1) or 1))
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # missing handler, corrupt stream ...
+        tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(tsyntax, "name", tsyntax) or "unknown transfer syntax"
+        raise DataError(path, f"cannot decode DICOM pixel data ({name}): {exc}") from None
+    if frames > 1 and arr.ndim >= 3 and arr.shape[0] == frames:
+        arr = arr[0]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if arr.ndim == 3:  # colour: pydicom already converted YBR to RGB
+        return np.clip(np.rint(_to_gray(arr)), 0, 255).astype(np.uint8)
+    rescaled = "RescaleSlope" in ds or "ModalityLUTSequence" in ds
+    if rescaled:
+        arr = apply_modality_lut(arr, ds)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        out = _window_linear(arr, _first(ds.WindowCenter), _first(ds.WindowWidth))
+    elif "VOILUTSequence" in ds:
+        out = _stretch(apply_voi_lut(arr, ds, prefer_lut=True))
+    elif not rescaled and int(ds.get("BitsStored", 8) or 8) <= 8 and arr.min() >= 0:
+        out = np.clip(arr, 0, 255).astype(np.uint8)
+    else:
+        out = _stretch(arr)
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return np.ascontiguousarray(out)
+
+
+def dicom_meta(path: str | Path) -> dict[str, str | None]:
+    """``SOPInstanceUID``, ``PatientID`` and ``ViewPosition`` from a DICOM header (no pixels).
+
+    Missing or blank fields come back as ``None``.
+    """
+    ds = _dcmread(Path(path), stop_before_pixels=True)
+    out = {}
+    for key in ("SOPInstanceUID", "PatientID", "ViewPosition"):
+        value = str(ds.get(key, "") or "").strip()
+        out[key] = value or None
+    return out
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def probe_image(path: str | Path) -> ImageInfo:
+    """Size, bits per sample and channels from the header, without decoding the pixels.
+
+    Raises:
+        DataError: unreadable header, absurd size, DICOM without pixel data.
+    """
+    path = Path(path)
+    if is_dicom(path):
+        ds = _dcmread(path, defer_size="64 KB")
+        if not _has_pixels(ds):
+            raise DataError(path, "DICOM file has no pixel data")
+        w, h = int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
+        ch = int(ds.get("SamplesPerPixel", 1) or 1)
+        _check_pixels(path, w, h, int(ds.get("NumberOfFrames", 1) or 1), ch)
+        return ImageInfo(w, h, int(ds.get("BitsStored", 8) or 8), ch, "DICOM")
+    im = _open_pil(path)
+    try:
+        w, h = im.size
+        fmt = im.format or path.suffix.lstrip(".").upper()
+        bands = len(im.getbands())
+        depth = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(im.mode, 8)
+        if fmt == "PNG":  # the IHDR has the true depth (Pillow reduces 16-bit RGB to 8)
+            with open(path, "rb") as fh:
+                head = fh.read(26)
+            if len(head) == 26 and head[12:16] == b"IHDR":
+                depth, color = head[24], head[25]
+                bands = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(color, bands)
+                w, h = struct.unpack(">II", head[16:24])
+        return ImageInfo(int(w), int(h), int(depth), int(bands), fmt)
+    finally:
+        im.close()
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a radiograph as a ``uint8`` (H, W) grayscale array (see the module doc).
+
+    Raises:
+        DataError: missing, unreadable or truncated file; DICOM without pixel data or with a
+            transfer syntax no installed handler decodes; a header claiming an absurd size.
+    """
+    path = Path(path)
+    if is_dicom(path):
+        return _read_dicom(path)
+    arr, mode = _load_pil(path)
+    return _raster_to_uint8(arr, mode)
+
+
+def read_mask_raw(path: str | Path) -> np.ndarray:
+    """A mask file's values as stored, (H, W) (colour masks: max over the colour channels;
+    palette masks: the palette indices). Used by ``inspect`` to spot non-binary masks."""
+    path = Path(path)
+    if is_dicom(path):
+        return _read_dicom(path)
+    arr, mode = _load_pil(path, palette_indices=True)
+    if arr.ndim == 3:
+        arr = arr[..., :1] if mode in ("LA", "La") else arr[..., :3]
+        arr = arr.max(axis=2)
+    return arr
+
+
+def read_mask(mask: Path | str | RleMask, shape: tuple[int, int]) -> np.ndarray:
+    """Read a ground-truth mask as ``uint8`` (H, W) in {0, 1}.
+
+    Args:
+        mask: a mask image (any non-zero pixel is foreground) or an :class:`RleMask`.
+        shape: (H, W) of the image the mask belongs to; run-length masks are decoded at this
+            size, mask images must have it.
+
+    Raises:
+        DataError: unreadable mask, a mask of another size than its image, a run-length row
+            that is malformed or runs past the image (naming the CSV).
+    """
+    h, w = int(shape[0]), int(shape[1])
+    if isinstance(mask, RleMask):
+        return decode_rows(mask.rles, h, w, source=mask.source or None)
+    if mask is None:
+        raise ValueError("read_mask: this record has no ground truth (mask is None)")
+    raw = read_mask_raw(mask)
+    if raw.shape != (h, w):
+        raise DataError(
+            mask,
+            f"mask is {raw.shape[1]}x{raw.shape[0]} but its image is {w}x{h} (width x height)",
+        )
+    return (raw > 0).astype(np.uint8)
+
+
+def load_pair(record: Record) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read a record's image and its mask (``None`` when it has no ground truth).
+
+    Shape: image (H, W) uint8; mask (H, W) uint8 in {0, 1}, same size (checked).
+    """
+    image = read_image(record.image)
+    if record.mask is None:
+        return image, None
+    return image, read_mask(record.mask, image.shape)

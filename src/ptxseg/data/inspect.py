@@ -1,0 +1,196 @@
+"""``ptxseg inspect``: what a dataset holds and everything wrong with it.
+
+Every image is decoded (so truncated files are found) and every mask is read (labels, areas,
+non-binary values, size mismatches); files are processed in a few threads. Problems never
+stop the inspection: each is collected with its file.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ptxseg.data.imageio import probe_image, read_image, read_mask, read_mask_raw
+from ptxseg.data.records import Record, RleMask
+from ptxseg.data.sources import Problem, scan
+from ptxseg.errors import DataError
+
+
+@dataclass
+class _Checked:
+    size: str | None = None  # "WxH"
+    bit_depth: int | None = None
+    channels: int | None = None
+    format: str | None = None
+    label: bool | None = None
+    area: int | None = None
+    pixels: int | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class InspectReport:
+    """Counts, image properties, mask statistics and problems of one dataset."""
+
+    root: str
+    layout: str
+    detected: bool
+    images: int
+    pairs: int
+    positive: int
+    negative: int
+    no_ground_truth: int
+    image_sizes: dict[str, int]
+    bit_depths: dict[str, int]
+    channels: dict[str, int]
+    formats: dict[str, int]
+    mask_area: dict[str, float | int | None]
+    problems: list[Problem]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {
+            "root": self.root,
+            "layout": self.layout,
+            "layout_detected": self.detected,
+            "images": self.images,
+            "pairs": self.pairs,
+            "positive": self.positive,
+            "negative": self.negative,
+            "no_ground_truth": self.no_ground_truth,
+            "image_sizes": self.image_sizes,
+            "bit_depths": self.bit_depths,
+            "channels": self.channels,
+            "formats": self.formats,
+            "mask_area": self.mask_area,
+            "problems": [
+                {"path": p.path, "kind": p.kind, "problem": p.problem} for p in self.problems
+            ],
+        }
+
+
+def _check_mask_file(path: Path, shape: tuple[int, int], out: _Checked) -> np.ndarray | None:
+    raw = read_mask_raw(path)
+    values = np.unique(raw)
+    nonzero = values[values != 0]
+    if nonzero.size > 1:
+        shown = ", ".join(str(v) for v in values[:6]) + (" ..." if values.size > 6 else "")
+        out.problems.append(
+            Problem(str(path), f"non-binary mask ({values.size} values: {shown})", "non-binary")
+        )
+    if raw.shape != shape:
+        out.problems.append(
+            Problem(
+                str(path),
+                f"mask is {raw.shape[1]}x{raw.shape[0]} but its image is "
+                f"{shape[1]}x{shape[0]} (width x height)",
+                "size-mismatch",
+            )
+        )
+        return None
+    return (raw > 0).astype(np.uint8)
+
+
+def _check(rec: Record) -> _Checked:
+    out = _Checked()
+    try:
+        info = probe_image(rec.image)
+        out.bit_depth, out.channels, out.format = info.bit_depth, info.channels, info.format
+        shape = read_image(rec.image).shape
+        out.size = f"{shape[1]}x{shape[0]}"
+    except DataError as exc:
+        out.problems.append(Problem(str(rec.image), exc.problem, "unreadable"))
+        return out
+    if rec.mask is None:
+        return out
+    try:
+        if isinstance(rec.mask, RleMask):
+            mask = read_mask(rec.mask, shape)
+        else:
+            mask = _check_mask_file(rec.mask, shape, out)
+    except DataError as exc:
+        path = exc.path or (rec.mask.source if isinstance(rec.mask, RleMask) else str(rec.mask))
+        out.problems.append(Problem(path, exc.problem, "unreadable-mask"))
+        return out
+    if mask is not None:
+        out.area = int(mask.sum())
+        out.pixels = int(mask.size)
+        out.label = out.area > 0
+    return out
+
+
+def _area_stats(areas: list[int], fractions: list[float]) -> dict[str, float | int | None]:
+    if not areas:
+        return {"count": 0, "min": None, "median": None, "mean": None, "max": None,
+                "mean_fraction": None}
+    a = np.asarray(areas, dtype=np.float64)
+    return {
+        "count": len(areas),
+        "min": int(a.min()),
+        "median": float(np.median(a)),
+        "mean": float(a.mean()),
+        "max": int(a.max()),
+        "mean_fraction": float(np.mean(fractions)),
+    }
+
+
+def _count(values) -> dict[str, int]:
+    return {str(k): v for k, v in sorted(Counter(v for v in values if v is not None).items())}
+
+
+def inspect_dataset(
+    root: str | Path,
+    layout: str = "auto",
+    *,
+    workers: int = 4,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> InspectReport:
+    """Read every image and mask of a dataset and report counts, properties and problems.
+
+    Args:
+        root: dataset folder (or manifest CSV).
+        layout: ``auto`` or a layout name (see :mod:`ptxseg.data.sources`).
+        workers: reading threads.
+        on_progress: called with (done, total) after each record.
+
+    Raises:
+        DataError: only when the dataset cannot be listed at all (missing/empty folder,
+            unknown layout, unusable CSV); everything else is a reported problem.
+    """
+    found = scan(root, layout, labels=False)
+    records = found.records
+    problems = list(found.problems)
+    checked: list[_Checked] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, result in enumerate(pool.map(_check, records), start=1):
+            checked.append(result)
+            if on_progress:
+                on_progress(i, len(records))
+    for c in checked:
+        problems.extend(c.problems)
+    labels = [c.label for c in checked]
+    pos = [c for c in checked if c.label]
+    return InspectReport(
+        root=str(root),
+        layout=found.layout,
+        detected=found.detected,
+        images=len(records),
+        pairs=sum(r.mask is not None for r in records),
+        positive=sum(v is True for v in labels),
+        negative=sum(v is False for v in labels),
+        no_ground_truth=sum(r.mask is None for r in records),
+        image_sizes=_count(c.size for c in checked),
+        bit_depths=_count(c.bit_depth for c in checked),
+        channels=_count(c.channels for c in checked),
+        formats=_count(c.format for c in checked),
+        mask_area=_area_stats([c.area for c in pos], [c.area / c.pixels for c in pos]),
+        problems=problems,
+    )

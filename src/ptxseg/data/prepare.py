@@ -1,0 +1,158 @@
+"""``ptxseg prepare``: a pre-resized copy of a dataset, so that decoding big radiographs does not
+starve a fast GPU.
+
+Any layout in (png, siim DICOM + RLE, ptx498, csv), png layout out: ``png_images/ID.png``
+(uint8 gray, ``size`` x ``size``) and ``png_masks/ID.png`` (0/255). Images are resized like
+at training time (:func:`ptxseg.inference.resize_to`), masks with
+:func:`ptxseg.data.dataset.resize_mask` (aligned with their image). Training on the copy gives
+the same model inputs as training on the original, minus the decoding cost.
+
+Patient ids (SIIM DICOM headers, manifest CSVs) cannot live in the png layout; when the input
+has them, ``manifest.csv`` (columns ``id,image,mask,patient_id``) is written as well: train
+with ``--layout csv`` on the copy to keep the patient-grouped split.
+
+The copy is built in a hidden sibling folder and renamed to ``out`` at the end, so an
+interrupted run leaves no half dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ptxseg.data.dataset import resize_mask
+from ptxseg.data.records import Record
+from ptxseg.errors import DataError
+from ptxseg.fileio import write_png, write_text
+from ptxseg.inference import resize_to
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(ident: str) -> str:
+    """A record id as a file stem (``/``, spaces and other specials -> ``_``)."""
+    name = _UNSAFE.sub("_", ident).strip("._") or "image"
+    return name
+
+
+def _prepare_one(rec: Record, name: str, tmp: Path, size: int) -> None:
+    from ptxseg.data.imageio import read_image, read_mask
+
+    image = read_image(rec.image)
+    mask = read_mask(rec.mask, image.shape[:2])
+    write_png(tmp / "png_images" / f"{name}.png", resize_to(image, size))
+    write_png(tmp / "png_masks" / f"{name}.png", resize_mask(mask, size) * np.uint8(255))
+
+
+def prepare(
+    data: str | Path,
+    out: str | Path,
+    size: int = 512,
+    layout: str = "auto",
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[Record]:
+    """Write a ``size`` x ``size`` png-layout copy of the dataset ``data`` into ``out``.
+
+    Args:
+        data: dataset folder (any layout).
+        out: new folder (absent or empty).
+        size: side of the written images (the model's ``data.size``).
+        layout: layout of ``data`` (``auto`` detects it).
+        workers: decoding threads (default: CPU cores, at most 8).
+        progress: show a rich progress bar.
+        on_progress: called with (done, total) after each image.
+
+    Returns:
+        the records of the copy (sorted by id).
+
+    Raises:
+        DataError: unusable dataset, an image without ground truth, an unreadable file (named),
+            ids that collide once made file-safe, ``out`` not empty.
+    """
+    from ptxseg.data.sources import load_records
+
+    data, out = Path(data), Path(out)
+    if not 32 <= size <= 4096:
+        raise DataError(None, f"--size must be in 32..4096, got {size}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(out, "output folder exists and is not empty (refusing to mix datasets)")
+    records, _layout = load_records(data, layout)
+    no_truth = [r.id for r in records if r.mask is None]
+    if no_truth:
+        raise DataError(
+            data,
+            f"{len(no_truth)} image(s) have no ground truth (e.g. '{no_truth[0]}'); prepare "
+            "writes training pairs",
+        )
+    names = [safe_name(r.id) for r in records]
+    seen: dict[str, str] = {}
+    for rec, name in zip(records, names, strict=True):
+        if name.lower() in seen:
+            raise DataError(
+                data, f"ids '{seen[name.lower()]}' and '{rec.id}' map to the same file name"
+            )
+        seen[name.lower()] = rec.id
+
+    tmp = out.parent / f".{out.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "png_images").mkdir(parents=True)
+    (tmp / "png_masks").mkdir(parents=True)
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            jobs = pool.map(
+                lambda rn: _prepare_one(rn[0], rn[1], tmp, size),
+                zip(records, names, strict=True),
+            )
+            _drain(jobs, len(records), progress, on_progress)
+        if any(r.patient_id for r in records):
+            _write_manifest(tmp / "manifest.csv", records, names)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [
+        Record(
+            name,
+            out / "png_images" / f"{name}.png",
+            out / "png_masks" / f"{name}.png",
+            rec.has_pneumothorax,
+            rec.patient_id,
+        )
+        for rec, name in sorted(zip(records, names, strict=True), key=lambda rn: rn[1])
+    ]
+
+
+def _drain(jobs, total: int, progress: bool, on_progress) -> None:
+    if progress:
+        from rich.progress import track
+
+        jobs = track(jobs, total=total, description=f"prepare {total} images")
+    for i, _ in enumerate(jobs, start=1):
+        if on_progress is not None:
+            on_progress(i, total)
+
+
+def _write_manifest(path: Path, records: list[Record], names: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "image", "mask", "patient_id"])
+    for rec, name in sorted(zip(records, names, strict=True), key=lambda rn: rn[1]):
+        writer.writerow(
+            [name, f"png_images/{name}.png", f"png_masks/{name}.png", rec.patient_id or ""]
+        )
+    write_text(path, buf.getvalue())

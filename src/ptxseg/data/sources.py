@@ -1,0 +1,453 @@
+"""Dataset layouts on disk -> a sorted list of :class:`~ptxseg.data.records.Record`.
+
+Layouts (``layout=`` / ``--layout``):
+
+``png``
+    ``png_images/NAME`` + ``png_masks/NAME`` matched by file name (a mask may also be the same
+    stem with ``.png``). Record id = file stem. The layout of the paper and of the common SIIM
+    PNG re-packaging.
+``siim``
+    The SIIM-ACR challenge layout: ``.dcm`` files at any depth + one run-length CSV
+    (``stage_2_train.csv`` preferred, then ``train-rle.csv``, else the only ``*.csv`` with the
+    columns ``ImageId,EncodedPixels`` or ``fname,mask``; leading spaces and a UTF-8 BOM are
+    fine). Record id = the DICOM SOPInstanceUID (the CSV's ImageId); patient id = PatientID.
+    ``-1`` means no lesion; several rows for one image are OR-ed. An image absent from the
+    CSV has no ground truth (mask ``None``).
+``ptx498``
+    The PTX-498 release: ``Site*/{n}.1.img.png`` + ``{n}.2.mask.png`` (``.3.merge.png``
+    overlays and ``.nii.gz`` copies are ignored). Record id = ``{site}_{n}`` (filename-safe).
+``csv``
+    A manifest CSV with columns ``image,mask`` (paths relative to the CSV; an empty mask cell =
+    no ground truth) and optional ``id`` (default: the image stem; no slashes, since ids name
+    output files) and ``patient_id``. ``root`` may be the CSV itself or a folder holding
+    exactly one such CSV.
+
+``auto`` checks in that order: ``png_images/`` -> png; ``Site*/*.1.img.png`` -> ptx498;
+``*.dcm`` anywhere -> siim; a manifest CSV -> csv. A folder holding several (like the SIIM
+sample, which has png_images/ next to dicom/ and rle/) is read as the first match; pass the
+layout explicitly to read another.
+
+Labels (``has_pneumothorax``) come from the masks themselves (a mask with any foreground
+pixel); mask files are read for that. Nothing is dropped silently: an image without its mask
+is an error, and so are duplicate ids. ``scan`` returns every problem instead of raising, for
+``ptxseg inspect``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ptxseg.data.imageio import IMAGE_SUFFIXES, dicom_meta, read_mask_raw
+from ptxseg.data.records import Record, RleMask
+from ptxseg.data.rle import is_empty
+from ptxseg.errors import DataError
+
+LAYOUTS = ("png", "siim", "ptx498", "csv")
+RASTER_SUFFIXES = IMAGE_SUFFIXES - {".dcm", ".dicom"}
+RLE_COLUMNS = (("imageid", "encodedpixels"), ("fname", "mask"))
+PREFERRED_RLE = ("stage_2_train.csv", "train-rle.csv")
+_PTX_IMG = re.compile(r"^(\d+)\.1\.img\.png$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset, naming the file."""
+
+    path: str
+    problem: str
+    kind: str = "error"  # short category for inspect: unreadable, missing-mask, ...
+    fatal: bool = True  # False: reported by inspect, but load_records still succeeds
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+@dataclass
+class Scan:
+    """What :func:`scan` found: the records, the layout used and every problem."""
+
+    records: list[Record]
+    layout: str
+    detected: bool
+    problems: list[Problem] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- CSV helpers
+
+
+def _norm(name: str) -> str:
+    return name.strip().lstrip("\ufeff").strip().lower()
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Read a CSV (BOM and CRLF tolerated) -> (normalised column names, rows keyed by them).
+
+    Column names are stripped and lower-cased; cell values are stripped.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"cannot read CSV ({exc})") from None
+    try:
+        reader = csv.reader(io.StringIO(text))
+        rows = [r for r in reader if any(c.strip() for c in r)]
+    except csv.Error as exc:
+        raise DataError(path, f"malformed CSV ({exc})") from None
+    if not rows:
+        raise DataError(path, "CSV is empty (no header)")
+    header = [_norm(c) for c in rows[0]]
+    out = []
+    for i, r in enumerate(rows[1:], start=2):
+        if len(r) > len(header):
+            raise DataError(path, f"line {i} has {len(r)} cells but the header has {len(header)}")
+        out.append({k: (r[j].strip() if j < len(r) else "") for j, k in enumerate(header)})
+    return header, out
+
+
+def _rle_columns(header: list[str]) -> tuple[str, str] | None:
+    for cols in RLE_COLUMNS:
+        if all(c in header for c in cols):
+            return cols
+    return None
+
+
+def _is_manifest(header: list[str]) -> bool:
+    return "image" in header and "mask" in header
+
+
+def _csv_header(path: Path) -> list[str]:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            first = next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    return [_norm(c) for c in first]
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def _label_of(mask: Path) -> bool:
+    return bool(read_mask_raw(mask).any())
+
+
+def _with_labels(records: list[Record], problems: list[Problem]) -> list[Record]:
+    """Fill ``has_pneumothorax`` from the mask files (read in a few threads)."""
+    todo = [r for r in records if isinstance(r.mask, Path) and r.mask.is_file()]
+
+    def label(rec: Record):
+        try:
+            return _label_of(rec.mask), None
+        except DataError as exc:
+            return None, Problem(str(rec.mask), exc.problem, "unreadable")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = dict(zip((r.id for r in todo), pool.map(label, todo), strict=True))
+    out = []
+    for rec in records:
+        if rec.id in results:
+            value, problem = results[rec.id]
+            if problem is not None:
+                problems.append(problem)
+            rec = replace(rec, has_pneumothorax=value)
+        out.append(rec)
+    return out
+
+
+def _check_duplicates(records: list[Record], problems: list[Problem]) -> None:
+    seen: dict[str, Record] = {}
+    for rec in records:
+        if rec.id in seen:
+            problems.append(
+                Problem(
+                    str(rec.image),
+                    f"duplicate id '{rec.id}' (also {seen[rec.id].image})",
+                    "duplicate-id",
+                )
+            )
+        else:
+            seen[rec.id] = rec
+
+
+def _files(folder: Path, suffixes: Iterable[str]) -> list[Path]:
+    suffixes = set(suffixes)
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
+    )
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _scan_png(root: Path, problems: list[Problem]) -> list[Record]:
+    img_dir, mask_dir = root / "png_images", root / "png_masks"
+    if not img_dir.is_dir():
+        raise DataError(root, "png layout needs a png_images/ folder")
+    images = _files(img_dir, RASTER_SUFFIXES)
+    if not images:
+        raise DataError(img_dir, "no images found (expected .png/.jpg/.tif files)")
+    masks = _files(mask_dir, RASTER_SUFFIXES) if mask_dir.is_dir() else []
+    by_name = {m.name: m for m in masks}
+    by_stem = {m.stem: m for m in masks if m.suffix.lower() == ".png"}
+    used: set[Path] = set()
+    records = []
+    for img in images:
+        mask = by_name.get(img.name) or by_stem.get(img.stem)
+        if mask is None:
+            problems.append(
+                Problem(str(img), f"image without mask (no {mask_dir / img.name})", "missing-mask")
+            )
+        else:
+            used.add(mask)
+        records.append(Record(id=img.stem, image=img, mask=mask))
+    for m in masks:
+        if m not in used:
+            problems.append(
+                Problem(str(m), f"mask without image (no {img_dir / m.name})", "missing-image")
+            )
+    return records
+
+
+def _scan_ptx498(root: Path, problems: list[Problem]) -> list[Record]:
+    sites = sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower().startswith("site"))
+    if not sites:
+        raise DataError(root, "ptx498 layout needs Site*/ folders")
+    records = []
+    for site in sites:
+        names = {p.name for p in site.iterdir() if p.is_file()}
+        cases = set()
+        for name in names:
+            m = _PTX_IMG.match(name)
+            if m:
+                cases.add(m.group(1))
+        for name in sorted(names):  # masks without their image
+            m = re.match(r"^(\d+)\.2\.mask\.png$", name, re.IGNORECASE)
+            if m and m.group(1) not in cases:
+                problems.append(
+                    Problem(str(site / name), "mask without image", "missing-image")
+                )
+        for n in sorted(cases, key=int):
+            img = next(site / x for x in names if x.lower() == f"{n}.1.img.png")
+            mask_name = next((x for x in names if x.lower() == f"{n}.2.mask.png"), None)
+            if mask_name is None:
+                problems.append(
+                    Problem(str(img), f"image without mask (no {n}.2.mask.png)", "missing-mask")
+                )
+            mask = site / mask_name if mask_name else None
+            records.append(Record(id=f"{site.name}_{n}", image=img, mask=mask))
+    if not records:
+        raise DataError(root, "no PTX-498 cases found (expected Site*/{n}.1.img.png)")
+    return records
+
+
+def find_rle_csv(root: Path) -> Path:
+    """The run-length CSV of a siim folder (see the module doc for the rules)."""
+    found = []
+    for p in sorted(root.rglob("*.csv")):
+        if _rle_columns(_csv_header(p)):
+            found.append(p)
+    if not found:
+        raise DataError(
+            root,
+            "no run-length CSV found (a *.csv with columns ImageId,EncodedPixels or fname,mask)",
+        )
+    for name in PREFERRED_RLE:
+        named = [p for p in found if p.name.lower() == name]
+        if len(named) == 1:
+            return named[0]
+    if len(found) > 1:
+        listed = ", ".join(str(p.relative_to(root)) for p in found)
+        raise DataError(root, f"several run-length CSVs found ({listed}); keep only one")
+    return found[0]
+
+
+def read_rle_csv(path: Path) -> dict[str, list[str]]:
+    """ImageId -> its run-length rows (``-1`` rows dropped; an id with only ``-1`` -> [])."""
+    header, rows = read_csv_rows(path)
+    cols = _rle_columns(header)
+    if cols is None:
+        raise DataError(
+            path,
+            f"expected columns ImageId,EncodedPixels (or fname,mask), found {','.join(header)}",
+        )
+    id_col, rle_col = cols
+    out: dict[str, list[str]] = defaultdict(list)
+    for i, row in enumerate(rows, start=2):
+        ident = row[id_col]
+        if not ident:
+            raise DataError(path, f"line {i}: empty {id_col}")
+        rows_for_id = out[ident]
+        if not is_empty(row[rle_col]):
+            rows_for_id.append(row[rle_col])
+    return dict(out)
+
+
+def _scan_siim(root: Path, problems: list[Problem]) -> list[Record]:
+    dicoms = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".dcm", ".dicom"))
+    if not dicoms:
+        raise DataError(root, "siim layout needs .dcm files (none found)")
+    csv_path = find_rle_csv(root)
+    rles = read_rle_csv(csv_path)
+
+    def meta(p: Path):
+        try:
+            return dicom_meta(p), None
+        except DataError as exc:
+            return None, Problem(str(p), exc.problem, "unreadable")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        metas = list(pool.map(meta, dicoms))
+    records, seen = [], set()
+    for path, (info, problem) in zip(dicoms, metas, strict=True):
+        if problem is not None:
+            problems.append(problem)
+            continue
+        uid = info["SOPInstanceUID"] or path.stem
+        key = uid if uid in rles else (path.stem if path.stem in rles else None)
+        if key is None:
+            mask, label = None, None
+        else:
+            seen.add(key)
+            mask = RleMask(tuple(rles[key]), source=str(csv_path))
+            label = bool(rles[key])
+        records.append(Record(uid, path, mask, label, info["PatientID"]))
+    for ident in sorted(set(rles) - seen):
+        problems.append(
+            Problem(
+                str(csv_path),
+                f"run-length rows for '{ident}' but no DICOM",
+                "missing-image",
+                fatal=False,
+            )
+        )
+    return records
+
+
+def find_manifest(root: Path) -> Path:
+    if root.is_file():
+        return root
+    found = [p for p in sorted(root.glob("*.csv")) if _is_manifest(_csv_header(p))]
+    if len(found) != 1:
+        what = "no" if not found else "several"
+        raise DataError(root, f"{what} manifest CSV with columns image,mask found")
+    return found[0]
+
+
+def _scan_csv(root: Path, problems: list[Problem]) -> list[Record]:
+    path = find_manifest(root)
+    header, rows = read_csv_rows(path)
+    if not _is_manifest(header):
+        raise DataError(path, f"expected columns image,mask, found {','.join(header) or 'none'}")
+    if not rows:
+        raise DataError(path, "manifest has no rows")
+    base = path.parent
+    records = []
+    for i, row in enumerate(rows, start=2):
+        if not row["image"]:
+            raise DataError(path, f"line {i}: empty image cell")
+        img = base / row["image"]
+        mask = base / row["mask"] if row["mask"] else None
+        if not img.is_file():
+            problems.append(Problem(str(img), f"image not found (line {i} of {path})", "missing"))
+        if mask is not None and not mask.is_file():
+            problems.append(Problem(str(mask), f"mask not found (line {i} of {path})", "missing"))
+        ident = row.get("id") or img.stem
+        if "/" in ident or "\\" in ident or ident in (".", ".."):
+            problems.append(
+                Problem(str(path), f"line {i}: id '{ident}' is not filename-safe", "bad-id")
+            )
+        records.append(Record(ident, img, mask, None, row.get("patient_id") or None))
+    return records
+
+
+_SCANNERS = {"png": _scan_png, "siim": _scan_siim, "ptx498": _scan_ptx498, "csv": _scan_csv}
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def detect_layout(root: str | Path) -> str:
+    """Which layout a folder (or manifest CSV) is; DataError when none fits."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(root, "dataset not found")
+    if root.is_file():
+        if root.suffix.lower() == ".csv":
+            return "csv"
+        raise DataError(root, "a dataset must be a folder or a manifest CSV")
+    if (root / "png_images").is_dir():
+        return "png"
+    for site in root.iterdir():
+        if site.is_dir() and site.name.lower().startswith("site"):
+            if any(_PTX_IMG.match(p.name) for p in site.iterdir()):
+                return "ptx498"
+    if next((p for p in root.rglob("*") if p.suffix.lower() in (".dcm", ".dicom")), None):
+        return "siim"
+    if any(_is_manifest(_csv_header(p)) for p in root.glob("*.csv")):
+        return "csv"
+    if not any(root.iterdir()):
+        raise DataError(root, "dataset folder is empty")
+    raise DataError(
+        root,
+        "cannot tell the dataset layout: expected png_images/ + png_masks/, Site*/{n}.1.img.png,"
+        " .dcm files + a run-length CSV, or a manifest CSV with columns image,mask",
+    )
+
+
+def scan(root: str | Path, layout: str = "auto", *, labels: bool = True) -> Scan:
+    """List a dataset's records and every problem found, without raising for problems.
+
+    Args:
+        root: dataset folder (or manifest CSV).
+        layout: ``auto`` or one of ``png, siim, ptx498, csv``.
+        labels: read the mask files to fill ``has_pneumothorax`` (png, ptx498, csv).
+
+    Raises:
+        DataError: missing/empty folder, undetectable layout, unusable CSV (nothing to list).
+    """
+    root = Path(root)
+    if layout not in ("auto", *LAYOUTS):
+        raise DataError(None, f"unknown layout '{layout}' (choose from auto, {', '.join(LAYOUTS)})")
+    if not root.exists():
+        raise DataError(root, "dataset not found")
+    if root.is_dir() and not any(root.iterdir()):
+        raise DataError(root, "dataset folder is empty")
+    detected = layout == "auto"
+    used = detect_layout(root) if detected else layout
+    problems: list[Problem] = []
+    records = _SCANNERS[used](root, problems)
+    records.sort(key=lambda r: r.id)
+    _check_duplicates(records, problems)
+    if labels:
+        records = _with_labels(records, problems)
+    return Scan(records, used, detected, problems)
+
+
+def load_records(root: str | Path, layout: str = "auto") -> tuple[list[Record], str]:
+    """Read a dataset into records sorted by id, plus the layout used (detected if ``auto``).
+
+    Raises:
+        DataError: for the first problem found (image without mask, mask without image,
+            duplicate id, unreadable mask/header, bad CSV...), naming the file; the message
+            says how many more there are (``ptxseg inspect`` lists them all). Run-length rows
+            of a siim CSV whose DICOM is absent are not an error (the official CSVs list
+            the whole challenge set; a subset of the DICOMs is a normal download).
+    """
+    result = scan(root, layout)
+    fatal = [p for p in result.problems if p.fatal]
+    if fatal:
+        first = fatal[0]
+        more = len(fatal) - 1
+        suffix = f" (and {more} more problem{'s' * (more > 1)}; see ptxseg inspect)" if more else ""
+        raise DataError(first.path, first.problem + suffix)
+    return result.records, result.layout
