@@ -103,3 +103,11 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
 
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_model(cfg, tmp_path / "none.ckpt")
+
+
+def test_bn_momentum_override():
+    base = build_model(tiny_config().model)
+    enc = [m for m in base.net.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert enc and all(m.momentum == pytest.approx(0.01) for m in enc)  # smp EfficientNet's
+    tuned = build_model(tiny_config(**{"model.bn_momentum": 0.1}).model)
+    assert {m.momentum for m in tuned.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}

@@ -43,6 +43,13 @@ class ModelConfig(_Section):
     encoder_weights: str | None = Field(
         "imagenet", description="'imagenet', null, or a path to a local encoder weights file"
     )
+    bn_momentum: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="BatchNorm momentum for every layer; null keeps the encoder's own (0.01 "
+        "for smp's EfficientNet, tuned for pretrained weights). 0.1 helps short from-scratch runs.",
+    )
 
 
 class LossConfig(_Section):
@@ -66,6 +73,8 @@ class TrainConfig(_Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     seed: int = 42
     channels_last: Literal["auto", True, False] = "auto"
+    num_nodes: int = Field(1, ge=1, description="machines for multi-node DDP (torchrun/SLURM)")
+    log_every: int = Field(20, ge=1, description="steps between progress-bar loss updates")
 
     @field_validator("precision", mode="before")
     @classmethod

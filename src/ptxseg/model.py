@@ -111,6 +111,10 @@ def build_model(cfg: ModelConfig, *, pretrained: bool = True) -> SegModel:
         ) from None
     if local_file is not None:
         load_encoder_weights(net, local_file)
+    if cfg.bn_momentum is not None:
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = cfg.bn_momentum
     return SegModel(net)
 
 
