@@ -1,0 +1,86 @@
+"""Training curves from a run's ``metrics.csv``."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from ptxseg.errors import DataError
+from ptxseg.fileio import save_figure
+
+METRICS_COLUMNS = ("epoch", "train_loss", "val_loss", "val_iou", "val_dice", "lr", "time_s")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    """Rows of a ``metrics.csv`` as floats (``epoch`` as int).
+
+    Raises:
+        DataError: missing file or a column missing.
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            rows = list(reader)
+    except FileNotFoundError:
+        raise DataError(path, "metrics file not found") from None
+    missing = [c for c in METRICS_COLUMNS if c not in header]
+    if missing:
+        raise DataError(path, f"missing column(s) {', '.join(missing)}")
+    out = []
+    for i, row in enumerate(rows, start=2):
+        try:
+            rec = {k: float(row[k]) for k in METRICS_COLUMNS}
+        except ValueError as exc:
+            raise DataError(path, f"line {i}: not a number ({exc})") from None
+        rec["epoch"] = int(rec["epoch"])
+        out.append(rec)
+    return out
+
+
+def plot_curves(metrics_csv: str | Path, out_png: str | Path) -> None:
+    """Write ``out_png``: loss (train, val) and validation IoU/Dice per epoch, with the best
+    IoU epoch marked. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_csv)
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    try:
+        ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", ms=3, label="train loss")
+        ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", ms=3, label="val loss")
+        ax_loss.set_xlabel("epoch")
+        ax_loss.set_ylabel("BCE + Dice loss")
+        ax_loss.set_title("Loss")
+        ax_loss.grid(alpha=0.3)
+        ax_loss.legend()
+        ax_iou.plot(epochs, [r["val_iou"] for r in rows], "o-", ms=3, label="val IoU")
+        ax_iou.plot(epochs, [r["val_dice"] for r in rows], "o-", ms=3, label="val Dice")
+        if rows:
+            best = max(rows, key=lambda r: r["val_iou"])
+            ax_iou.axvline(best["epoch"], color="gray", ls="--", lw=1)
+            ax_iou.annotate(
+                f"best IoU {best['val_iou']:.4f} (epoch {best['epoch']})",
+                (best["epoch"], best["val_iou"]),
+                textcoords="offset points",
+                xytext=(4, -12),
+                fontsize=8,
+            )
+        ax_iou.set_xlabel("epoch")
+        ax_iou.set_ylabel("pooled pixels, threshold 0.5")
+        ax_iou.set_ylim(0, 1)
+        ax_iou.set_title("Validation IoU / Dice")
+        ax_iou.grid(alpha=0.3)
+        ax_iou.legend()
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in (ax_loss, ax_iou):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.tight_layout()
+        save_figure(out_png, fig)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,301 @@
+"""Training runs on synthetic data (CPU, efficientnet-b0 at 64 px, a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from ptxseg.config import load_config, load_run_config
+from ptxseg.data.split import read_split
+from ptxseg.errors import CheckpointError, RunDirError
+from ptxseg.model import load_run_model
+from ptxseg.plots import METRICS_COLUMNS, read_metrics
+from ptxseg.train import (
+    AtomicCheckpointIO,
+    CosineToMin,
+    RunFiles,
+    SegModule,
+    TrainingError,
+    fit,
+    freeze_unused_parameters,
+    resolve_precision,
+    resolve_switch,
+)
+from tests.conftest import TINY_RUN_SETTINGS, tiny_config
+
+RUN_FILES = (
+    "config.yaml",
+    "split.csv",
+    "data.json",
+    "best.ckpt",
+    "last.ckpt",
+    "metrics.csv",
+    "curves.png",
+)
+
+
+def _steps_per_epoch(run) -> int:
+    n_train = sum(v == "train" for v in read_split(run / "split.csv").values())
+    bs = load_run_config(run).train.batch_size
+    return n_train // bs if n_train > bs else 1  # drop_last
+
+
+def _expected_lr(cfg, step: int, total: int) -> float:
+    lr, lo = cfg.optim.lr, cfg.optim.lr_min
+    return lo + (lr - lo) * 0.5 * (1 + math.cos(math.pi * step / (total - 1)))
+
+
+def _ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------
+# a full run (the session's tiny_run fixture)
+
+
+def test_run_writes_every_file_with_content_and_lowers_the_loss(tiny_run, synth_data):
+    assert sorted(p.name for p in tiny_run.iterdir()) == sorted(RUN_FILES)
+    assert load_run_config(tiny_run) == tiny_config(**TINY_RUN_SETTINGS)
+    split = read_split(tiny_run / "split.csv")
+    assert sorted(split) == sorted(p.stem for p in (synth_data / "png_images").iterdir())
+    assert set(split.values()) == {"train", "val"}
+    assert json.loads((tiny_run / "data.json").read_text())["root"] == str(synth_data.resolve())
+
+    header = (tiny_run / "metrics.csv").read_text().splitlines()[0]
+    assert tuple(header.split(",")) == METRICS_COLUMNS
+    rows = read_metrics(tiny_run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    for r in rows:
+        assert 0 <= r["val_iou"] <= r["val_dice"] <= 1  # Dice >= IoU always
+        assert r["val_loss"] > 0 and r["time_s"] > 0
+
+    curves = cv2.imread(str(tiny_run / "curves.png"))
+    assert curves is not None and curves.shape == (400, 1000, 3)
+    assert curves.std() > 10  # something was drawn
+
+    last = _ckpt(tiny_run / "last.ckpt")
+    assert last["epoch"] == 2 and last["global_step"] == 3 * _steps_per_epoch(tiny_run)
+    assert all(k.startswith("model.") for k in last["state_dict"])
+    assert not list(tiny_run.glob(".*"))  # no temp files left
+
+
+def test_validation_iou_is_pooled_over_the_whole_validation_set(tiny_run, synth_data):
+    rows = read_metrics(tiny_run / "metrics.csv")
+    best_iou = max(r["val_iou"] for r in rows)
+    best = next(r for r in rows if r["val_iou"] == best_iou)  # first epoch reaching it
+    state = _ckpt(tiny_run / "best.ckpt")
+    assert state["epoch"] == best["epoch"] - 1
+    model, _cfg = load_run_model(tiny_run, "best")
+
+    val_ids = sorted(i for i, s in read_split(tiny_run / "split.csv").items() if s == "val")
+    tp = fp = fn = 0
+    for ident in val_ids:
+        image = cv2.imread(str(synth_data / "png_images" / f"{ident}.png"), cv2.IMREAD_GRAYSCALE)
+        truth = cv2.imread(str(synth_data / "png_masks" / f"{ident}.png"), cv2.IMREAD_GRAYSCALE) > 0
+        with torch.no_grad():
+            logits = model(torch.from_numpy(image)[None, None]).numpy()[0, 0]
+        pred = 1 / (1 + np.exp(-logits.astype(np.float64))) > 0.5
+        tp += int((pred & truth).sum())
+        fp += int((pred & ~truth).sum())
+        fn += int((~pred & truth).sum())
+    assert tp + fp + fn > 0
+    np.testing.assert_allclose(best["val_iou"], tp / (tp + fp + fn), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(best["val_dice"], 2 * tp / (2 * tp + fp + fn), rtol=1e-6, atol=1e-7)
+
+
+def test_lr_follows_the_cosine_schedule_and_ends_at_lr_min(tiny_run):
+    cfg = load_run_config(tiny_run)
+    k = _steps_per_epoch(tiny_run)
+    total = cfg.train.epochs * k
+    rows = read_metrics(tiny_run / "metrics.csv")
+    for r in rows:  # metrics.csv logs the LR of the epoch's last step
+        expected = _expected_lr(cfg, r["epoch"] * k - 1, total)
+        np.testing.assert_allclose(r["lr"], expected, rtol=1e-6)
+    assert rows[-1]["lr"] == cfg.optim.lr_min == 1e-6
+
+
+def test_cosine_factor_edges():
+    f = CosineToMin(5, 0.01)
+    assert f(0) == 1.0 and f(4) == pytest.approx(0.01) and f(10) == pytest.approx(0.01)
+    assert f(2) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert all(f(i) > f(i + 1) for i in range(4))
+    assert CosineToMin(1, 0.01)(0) == 1.0
+
+
+def test_checkpoints_load_with_weights_only_and_load_run_model(tiny_run):
+    for which in ("best", "last"):
+        obj = _ckpt(tiny_run / f"{which}.ckpt")
+        assert "optimizer_states" in obj and "lr_schedulers" in obj
+        model, cfg = load_run_model(tiny_run, which)
+        assert cfg.model.encoder == "efficientnet-b0"
+        x = torch.randint(0, 256, (1, 1, 64, 64), dtype=torch.uint8)
+        with torch.no_grad():
+            assert torch.isfinite(model(x)).all()
+
+
+def test_same_seed_gives_the_same_metrics(tiny_run, synth_data, tmp_path):
+    again = fit(tiny_config(**TINY_RUN_SETTINGS), synth_data, tmp_path / "again", progress=False)
+    a = read_metrics(tiny_run / "metrics.csv")
+    b = read_metrics(again / "metrics.csv")
+    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in a]
+    assert strip == [{k: v for k, v in r.items() if k != "time_s"} for r in b]
+    assert (tiny_run / "split.csv").read_text() == (again / "split.csv").read_text()
+
+
+# ------------------------------------------------------------------------------------------
+# resume, refusals, failures
+
+
+def test_resume_continues_from_the_saved_epoch_with_the_same_schedule(
+    synth_data, tmp_path, monkeypatch
+):
+    cfg = tiny_config(**{"train.epochs": 3})
+    run = tmp_path / "run"
+    original = RunFiles.on_validation_end
+
+    def crash_in_epoch_2(self, trainer, pl_module):
+        if pl_module.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+        original(self, trainer, pl_module)
+
+    monkeypatch.setattr(RunFiles, "on_validation_end", crash_in_epoch_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(cfg, synth_data, run, progress=False)
+    first = read_metrics(run / "metrics.csv")
+    assert [r["epoch"] for r in first] == [1]
+    assert _ckpt(run / "last.ckpt")["epoch"] == 0
+    monkeypatch.setattr(RunFiles, "on_validation_end", original)
+
+    with pytest.raises(RunDirError, match="already exists"):
+        fit(cfg, synth_data, run, progress=False)  # no silent overwrite
+    fit(cfg, synth_data, run, resume=True, progress=False)
+    rows = read_metrics(run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[0] == first[0]
+    k = _steps_per_epoch(run)
+    last = _ckpt(run / "last.ckpt")
+    assert last["epoch"] == 2 and last["global_step"] == 3 * k
+    for r in rows:
+        np.testing.assert_allclose(r["lr"], _expected_lr(cfg, r["epoch"] * k - 1, 3 * k), rtol=1e-6)
+    assert rows[-1]["lr"] == 1e-6
+
+
+def test_resume_refuses_a_changed_recipe_and_a_folder_without_checkpoint(tiny_run, tmp_path):
+    changed = tiny_config(**{**TINY_RUN_SETTINGS, "train.epochs": 7})
+    with pytest.raises(RunDirError, match=r"train\.epochs: 3 -> 7"):
+        fit(changed, tmp_path, tiny_run, resume=True, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RunDirError, match="no last.ckpt"):
+        fit(tiny_config(), tmp_path, empty, resume=True, progress=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    (broken / "last.ckpt").write_bytes((broken / "last.ckpt").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="last.ckpt"):
+        fit(load_run_config(broken), tmp_path, broken, resume=True, progress=False)
+
+
+def test_existing_run_folder_is_refused_and_left_untouched(tiny_run, synth_data):
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir()}
+    with pytest.raises(RunDirError, match="already exists and is not empty; use --resume"):
+        fit(tiny_config(), synth_data, tiny_run, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir()} == before
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
+    synth_data, tmp_path, monkeypatch
+):
+    original = SegModule.training_step
+
+    def poisoned(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if self.current_epoch == 1 else loss
+
+    monkeypatch.setattr(SegModule, "training_step", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"NaN/inf \(epoch 2\).*last good epoch"):
+        fit(tiny_config(**{"train.epochs": 3}), synth_data, run, progress=False)
+    assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [1]
+    last = _ckpt(run / "last.ckpt")
+    assert last["epoch"] == 0
+    weights = [v for v in last["state_dict"].values() if v.is_floating_point()]
+    assert all(torch.isfinite(v).all() for v in weights)
+
+
+def test_validation_without_positive_case_warns_and_trains(tmp_path):
+    from ptxseg.data.synthetic import generate
+
+    data = tmp_path / "negatives"
+    generate(data, n=10, size=64, seed=1, positive_fraction=0.0)
+    with pytest.warns(UserWarning, match="no positive case"):
+        run = fit(tiny_config(**{"train.epochs": 1}), data, tmp_path / "run", progress=False)
+    rows = read_metrics(run / "metrics.csv")
+    assert len(rows) == 1 and 0.0 <= rows[0]["val_iou"] <= 1.0
+    assert (run / "best.ckpt").is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# pieces
+
+
+def test_paper_model_trains_a_step_at_64_without_weights():
+    cfg = load_config("paper", ["model.encoder_weights=null"])
+    module = SegModule(cfg)
+    assert type(module.model.net.encoder).__name__ == "EfficientNetEncoder"
+    assert cfg.model.encoder == "efficientnet-b4"
+    x = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    y = torch.zeros((2, 1, 64, 64), dtype=torch.uint8)
+    y[:, :, 20:40, 10:30] = 1
+    logits = module(x)
+    assert logits.shape == (2, 1, 64, 64)
+    loss = module.loss_fn(logits, y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in module.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_freeze_unused_parameters_for_ddp_changes_no_weight():
+    module = SegModule(tiny_config())
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    frozen = freeze_unused_parameters(module.model)
+    assert frozen == ["net.encoder._conv_head.weight", "net.encoder._bn1.weight",
+                      "net.encoder._bn1.bias"]  # fmt: skip
+    after = module.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
+    assert module.model.training
+    x = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    module.loss_fn(module(x), torch.ones_like(x)).backward()
+    assert all(p.grad is not None for p in module.model.parameters() if p.requires_grad)
+
+
+def test_precision_compile_and_channels_last_resolution(monkeypatch):
+    assert resolve_precision("auto", "cpu") == "32-true"
+    assert resolve_precision("32", "cuda") == "32-true"
+    assert resolve_precision("16-mixed", "cpu") == "16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", "cuda") == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", "cuda") == "16-mixed"
+    assert resolve_switch("auto", "cuda") is True
+    assert resolve_switch("auto", "cpu") is False
+    assert resolve_switch(False, "cuda") is False
+
+
+def test_atomic_checkpoint_io_keeps_the_old_file_on_failure(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"model.w": torch.ones(3)}}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 - any pickling failure
+        io.save_checkpoint({"state_dict": {"model.w": torch.zeros(3)}, "bad": lambda: 0}, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.ckpt"]
