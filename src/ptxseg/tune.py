@@ -1,0 +1,289 @@
+"""Choose the post-processing rule on the validation split: predict once, search the grid.
+
+The model runs once over the run's validation images. Each probability map (at model
+resolution) is reduced at once to its sufficient statistics for the whole grid, then dropped:
+for every threshold ``t`` the map is labelled once with OpenCV's connected components, and
+the predicted area and true positives left after removing components smaller than each area
+``a`` follow from the component sizes and their overlap with the ground truth (a vectorised
+comparison, no re-labelling per area, no Python loop over pixels). The result is two small
+integer arrays ``pred[n, t, a]`` and ``tp[n, t, a]`` (plus the true area of each image) from
+which every grid point's pooled IoU or mean per-image Dice is computed without the model or
+the maps. The column ``a = 0`` holds the counts above each threshold, which is all the
+triplet rule needs.
+
+Memory is therefore ``O(images x thresholds x areas)`` integers, not ``O(images x pixels)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+
+from ptxseg.metrics import dice_scores, iou_scores
+from ptxseg.postprocess import CONNECTIVITY, PostParams, save_params
+
+#: below the paper's lowest grid value (0.05), where its optimum sat, and up to 0.95
+THRESHOLDS: tuple[float, ...] = (0.01, 0.02, 0.03, 0.04) + tuple(
+    round(0.05 * i, 2) for i in range(1, 20)
+)
+#: small-component removal areas, pixels at model resolution
+AREAS: tuple[int, ...] = (0, 256, 512, 1024, 2048, 4096)
+OBJECTIVES = ("iou", "kaggle")
+MODES = ("pixel", "triplet")
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+
+
+def grid_counts(
+    probs: np.ndarray,
+    gt: np.ndarray,
+    thresholds: tuple[float, ...] = THRESHOLDS,
+    areas: tuple[int, ...] = AREAS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted area and true positives of one image for every (threshold, removal area).
+
+    ``pred[t, a]`` is the number of pixels of ``binarize(probs, PostParams(thresholds[t],
+    areas[a]))`` and ``tp[t, a]`` how many of them are in ``gt``.
+
+    Args:
+        probs: probabilities (model resolution).
+        gt: ground truth, {0,1}, same shape.
+        thresholds: ascending.
+        areas: removal areas in pixels.
+
+    Shape:
+        - probs, gt: ``(H, W)``
+        - pred, tp: ``(len(thresholds), len(areas))`` int64
+    """
+    n_t, n_a = len(thresholds), len(areas)
+    pred = np.zeros((n_t, n_a), np.int64)
+    tp = np.zeros((n_t, n_a), np.int64)
+    area_arr = np.asarray(areas, np.int64)
+    p, g = probs, gt.astype(bool, copy=False)
+    for ti, t in enumerate(thresholds):
+        mask = p > t
+        # every higher threshold's mask lies inside this one's bounding box: crop to it
+        rows = np.flatnonzero(mask.any(axis=1))
+        if rows.size == 0:
+            break  # empty here, empty above
+        cols = np.flatnonzero(mask.any(axis=0))
+        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        p, g, mask = p[box], g[box], np.ascontiguousarray(mask[box])
+        fg = int(np.count_nonzero(mask))
+        fg_tp = int(np.count_nonzero(mask & g))
+        keep_all = area_arr <= 1  # every component has at least one pixel
+        keep_none = area_arr > fg  # no component is larger than the whole mask
+        pred[ti, keep_all], tp[ti, keep_all] = fg, fg_tp
+        undecided = ~(keep_all | keep_none)
+        if not undecided.any():
+            continue
+        n, labels = cv2.connectedComponents(mask.view(np.uint8), connectivity=CONNECTIVITY)
+        if n == 2:  # one component: its size and overlap are already known
+            sizes = np.array([fg], np.int64)
+            overlap = np.array([fg_tp], np.int64)
+        else:
+            sizes = np.bincount(labels[mask], minlength=n)[1:].astype(np.int64)  # (K,)
+            overlap = np.bincount(labels[g], minlength=n)[1:].astype(np.int64)
+        keep = sizes[None, :] >= area_arr[undecided, None]  # (A', K)
+        pred[ti, undecided] = keep @ sizes
+        tp[ti, undecided] = keep @ overlap
+    return pred, tp
+
+
+@dataclass
+class GridStats:
+    """The grid's sufficient statistics of a set of images.
+
+    Shape:
+        - pred, tp: ``(N, T, A)`` int64 — predicted area / true positives per image and grid point
+        - true_area: ``(N,)`` int64
+    """
+
+    thresholds: tuple[float, ...] = THRESHOLDS
+    areas: tuple[int, ...] = AREAS
+    pred: list[np.ndarray] = field(default_factory=list)
+    tp: list[np.ndarray] = field(default_factory=list)
+    true_area: list[int] = field(default_factory=list)
+
+    def add(self, probs: np.ndarray, gt: np.ndarray) -> None:
+        """Reduce one (probability map, ground truth) pair to its grid counts."""
+        if probs.shape != gt.shape:
+            raise ValueError(f"probabilities {probs.shape} and mask {gt.shape} differ in shape")
+        pred, tp = grid_counts(probs, gt, self.thresholds, self.areas)
+        self.pred.append(pred)
+        self.tp.append(tp)
+        self.true_area.append(int(np.count_nonzero(gt)))
+
+    def __len__(self) -> int:
+        return len(self.true_area)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.stack(self.pred), np.stack(self.tp), np.asarray(self.true_area, np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# search
+
+
+@dataclass
+class TuneResult:
+    params: PostParams
+    objective: str
+    score: float
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+def _objective(tp: np.ndarray, pred: np.ndarray, true_area: np.ndarray, objective: str):
+    """Score every grid point; image axis first. ``true_area`` broadcasts against ``tp``."""
+    fp = pred - tp
+    fn = true_area - tp
+    if objective == "iou":  # pooled over all pixels of all images (the paper's)
+        return iou_scores(tp.sum(0), fp.sum(0), fn.sum(0), empty=0.0)
+    if objective == "kaggle":  # SIIM-ACR: mean per-image Dice, empty/empty = 1
+        return dice_scores(tp, fp, fn).mean(0)
+    raise ValueError(f"objective: unknown '{objective}' (valid: {', '.join(OBJECTIVES)})")
+
+
+def search(
+    stats: GridStats, *, mode: str = "pixel", objective: str = "iou", size: int | None = None
+) -> TuneResult:
+    """The grid point with the best objective (first in grid order on ties: lowest
+    threshold, then smallest area).
+
+    pixel: threshold x removal area. triplet: top threshold x min area x bottom threshold
+    (bottom <= top).
+    """
+    if len(stats) == 0:
+        raise ValueError("no images to tune on")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: unknown '{objective}' (valid: {', '.join(OBJECTIVES)})")
+    pred, tp, true_area = stats.arrays()
+    th = stats.thresholds
+    if mode == "pixel":
+        scores = _objective(tp, pred, true_area[:, None, None], objective)  # (T, A)
+        rows = [
+            [t, a, round(float(scores[i, j]), 6)]
+            for i, t in enumerate(th)
+            for j, a in enumerate(stats.areas)
+        ]
+        i, j = np.unravel_index(int(np.argmax(scores)), scores.shape)
+        params = PostParams(
+            mode="pixel", binary_threshold=th[i], removal_area=int(stats.areas[j]), size=size
+        )
+        return TuneResult(
+            params, objective, float(scores[i, j]), ["binary_threshold", "removal_area", "score"],
+            rows,
+        )
+    if mode != "triplet":
+        raise ValueError(f"mode: unknown '{mode}' (valid: {', '.join(MODES)})")
+    if 0 not in stats.areas:
+        raise ValueError("the triplet search needs area 0 in the grid (counts above thresholds)")
+    a0 = stats.areas.index(0)
+    above, tp_above = pred[:, :, a0], tp[:, :, a0]  # (N, T)
+    min_areas = np.asarray(stats.areas, np.int64)
+    rows = []
+    best = (-1.0, None)
+    for i, top in enumerate(th):
+        n_top = above[:, i][:, None]  # (N, 1)
+        positive = (n_top > 0) & (n_top >= min_areas[None, :])  # (N, M)
+        bottoms = slice(0, i + 1)
+        # (N, M, B): counts of the bottom mask where the image is called positive, else 0
+        p_pred = np.where(positive[:, :, None], above[:, None, bottoms], 0)
+        p_tp = np.where(positive[:, :, None], tp_above[:, None, bottoms], 0)
+        scores = _objective(p_tp, p_pred, true_area[:, None, None], objective)  # (M, B)
+        for m, area in enumerate(stats.areas):
+            for k in range(i + 1):
+                s = float(scores[m, k])
+                rows.append([top, int(area), th[k], round(s, 6)])
+                if s > best[0]:
+                    best = (s, (top, int(area), th[k]))
+    score, (top, area, bottom) = best
+    params = PostParams(
+        mode="triplet", top_threshold=top, min_area=area, bottom_threshold=bottom, size=size
+    )
+    columns = ["top_threshold", "min_area", "bottom_threshold", "score"]
+    return TuneResult(params, objective, score, columns, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def tune_run(
+    run: str | Path,
+    data: str | Path | None = None,
+    *,
+    layout: str = "auto",
+    objective: Literal["iou", "kaggle"] = "iou",
+    mode: Literal["pixel", "triplet"] = "pixel",
+    batch_size: int | None = None,
+    tta: str = "none",
+    progress: bool = False,
+) -> tuple[Path, TuneResult]:
+    """Predict the run's validation split once and write ``RUN/thresholds.json``.
+
+    Args:
+        run: a run folder (``config.yaml``, ``best.ckpt``, ``split.csv``).
+        data: the dataset the run was trained on; default: the one the run recorded.
+        layout: dataset layout (``auto`` detects it).
+        objective: ``iou`` (pooled, the paper's) or ``kaggle`` (mean per-image Dice).
+        mode: ``pixel`` (threshold + removal area) or ``triplet``.
+        batch_size: prediction batch size (default: the run's training batch size).
+        tta: ``none`` or ``hflip``; recorded in thresholds.json.
+        progress: show a progress bar.
+
+    Returns:
+        the path written and the search result.
+    """
+    from ptxseg.errors import PtxsegError
+    from ptxseg.evaluate import iter_predictions, open_run, run_split_records
+    from ptxseg.inference import check_tta
+
+    if objective not in OBJECTIVES:
+        raise PtxsegError(f"--objective: unknown '{objective}' (valid: {', '.join(OBJECTIVES)})")
+    if mode not in MODES:
+        raise PtxsegError(f"--mode: unknown '{mode}' (valid: {', '.join(MODES)})")
+    check_tta(tta)
+    run = Path(run)
+    model, cfg = open_run(run)
+    records, data_root, used_layout = run_split_records(run, data, layout, split="val")
+    size = cfg.data.size
+    stats = GridStats()
+    for pred in iter_predictions(
+        model,
+        records,
+        size,
+        at="model",
+        batch_size=batch_size or cfg.train.batch_size,
+        workers=cfg.data.workers,
+        tta=tta,
+        progress="Predicting validation split" if progress else None,
+    ):
+        stats.add(pred.probs, pred.gt)
+    n_positive = int(sum(1 for a in stats.true_area if a > 0))
+    if objective == "iou" and n_positive == 0:
+        raise PtxsegError(
+            f"{run / 'split.csv'}: the {len(stats)} validation images have no pneumothorax, so "
+            "pooled IoU is undefined for every threshold; use --objective kaggle"
+        )
+    result = search(stats, mode=mode, objective=objective, size=size)
+    extra = {
+        "objective": result.objective,
+        "score": result.score,
+        "n_images": len(stats),
+        "n_positive": n_positive,
+        "data": str(data_root),
+        "layout": used_layout,
+        "tta": tta,
+        "grid": {"columns": result.columns, "rows": result.rows},
+    }
+    out = run / "thresholds.json"
+    save_params(result.params, out, extra=extra)
+    return out, result
