@@ -14,6 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+# mkstemp creates 0600 files; give written files the usual permissions (0666 minus the umask).
+# The umask is read once here, at import, because reading it means setting it (not thread-safe).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
@@ -26,6 +32,8 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
+            if hasattr(os, "fchmod"):  # POSIX
+                os.fchmod(fh.fileno(), _FILE_MODE)
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -51,11 +59,20 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
-def write_png(path: str | Path, array) -> None:
-    """Write a uint8 (H, W) or (H, W, 3 BGR) array as PNG, atomically."""
+def write_png(path: str | Path, array, *, fast: bool = False) -> None:
+    """Write a uint8 (H, W) or (H, W, 3 BGR) array as PNG, atomically.
+
+    ``fast``: zlib level 1 with the "Up" row filter instead of OpenCV's default (level 3,
+    adaptive filters): radiographs encode about 2x faster into files of about the same size.
+    """
     import cv2
 
-    ok, buf = cv2.imencode(".png", array)
+    params: list[int] = []
+    if fast:
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+        if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.10
+            params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+    ok, buf = cv2.imencode(".png", array, params)
     if not ok:  # pragma: no cover - cv2 only fails on unsupported dtypes
         raise ValueError(f"{path}: could not encode PNG")
     write_bytes(path, buf.tobytes())

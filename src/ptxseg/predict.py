@@ -1,0 +1,746 @@
+"""Predict pneumothorax masks for new radiographs: ``ptxseg predict RUN INPUT... --out DIR``.
+
+Inputs
+    Image files (PNG, JPEG, TIFF, BMP, DICOM of any bit depth) and folders. A folder that is a
+    dataset of a known layout (``png_images/``, ``Site*/``, a manifest CSV; see
+    :mod:`ptxseg.data.sources`) gives exactly that dataset's images (masks are not images to
+    predict); so does a manifest CSV named directly. Any other folder is searched recursively
+    for files with an image suffix (``.png .jpg .jpeg .tif .tiff .bmp .dcm .dicom``, any case)
+    and for suffix-less DICOM files (``DICM`` magic); hidden files and the output folder are
+    skipped, and other files are counted and named in a note. A file given by name is always
+    predicted (an unreadable one becomes an error row). A folder of DICOMs is read as plain
+    files, so no run-length CSV is needed.
+
+Ids
+    The file stem (a dataset's record id for layout folders), with path separators and
+    characters Windows refuses replaced by ``_``. Ids that collide (case-insensitively, so the
+    output also works on macOS/Windows disks) keep the first one in input order (arguments in
+    the order given, folders sorted) and the later ones get ``__2``, ``__3``... The ``source``
+    column of results.csv names each file. The same file named twice is predicted once.
+
+Post-processing
+    The one :func:`ptxseg.postprocess.binarize` of tune and evaluate, on the probabilities
+    resized back to the image's native size, with areas scaled by
+    :func:`ptxseg.postprocess.area_scale`. Thresholds come from ``--thresholds FILE`` or
+    ``RUN/thresholds.json``; when neither exists the run has not been tuned, and the
+    defaults (``probs > 0.5``, no component removal) are used with a warning (recorded as
+    ``"thresholds_source": "default"`` in ``predict.json``).
+
+Outputs (all written atomically)
+    ``masks/<id>.png`` ({0, 255}, native size), ``overlays/<id>.png`` (the radiograph with the
+    predicted region tinted and outlined in red, longest side capped at ``OVERLAY_MAX_SIDE``;
+    a plain gray copy of the radiograph when nothing is predicted), ``results.csv`` (one row
+    per input, in input order), ``predict.json`` (what was run), and with ``kaggle_csv`` a
+    SIIM-ACR submission (``ImageId,EncodedPixels``; ImageId = the DICOM SOPInstanceUID, else
+    the id; ``-1`` for an empty mask; unreadable files have no row).
+
+Speed
+    Reading/decoding runs in DataLoader workers and resizing back, binarizing and PNG encoding
+    in a thread pool, both overlapped with the model; only a bounded number of images is in
+    flight, so memory does not grow with the number of inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from ptxseg.errors import DataError, PtxsegError
+from ptxseg.postprocess import PostParams, area_scale, binarize, load_params, with_model_size
+
+BACKENDS = ("torch", "onnx")
+RESULTS_COLUMNS = (
+    "id",
+    "source",
+    "height",
+    "width",
+    "has_pneumothorax",
+    "area_px",
+    "area_fraction",
+    "max_prob",
+    "status",
+)
+KAGGLE_COLUMNS = ("ImageId", "EncodedPixels")
+DEFAULT_PARAMS = PostParams(mode="pixel", binary_threshold=0.5, removal_area=0)
+OVERLAY_MAX_SIDE = 1024  # overlays are for looking at; masks keep the full native size
+OVERLAY_ALPHA = 0.35
+OVERLAY_BGR = (40, 40, 255)  # red, as the prediction contours of the evaluation report
+COMPILE_MIN_IMAGES = 1000  # torch.compile warm-up pays off only on large folders (CUDA)
+_UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass(frozen=True)
+class InputEntry:
+    """One image to predict: its output id and its file."""
+
+    id: str
+    path: Path
+
+
+@dataclass
+class Inputs:
+    entries: list[InputEntry]
+    notes: list[str] = field(default_factory=list)  # what was skipped or how folders were read
+
+
+def safe_id(name: str) -> str:
+    """A file-name-safe id: path separators, ``:*?"<>|`` and control characters -> ``_``."""
+    out = _UNSAFE.sub("_", name).strip()
+    if not out or out.startswith("."):
+        out = "_" + out
+    return out
+
+
+def unique_ids(pairs: Sequence[tuple[str, Path]]) -> list[InputEntry]:
+    """Make ids unique (case-insensitively), deterministically: the first of a colliding group
+    in input order keeps its id, later ones get ``__2``, ``__3``... (skipping ids in use)."""
+    natural = [safe_id(ident) for ident, _ in pairs]
+    taken = {n.casefold() for n in natural}
+    seen: set[str] = set()
+    out = []
+    for ident, (_, path) in zip(natural, pairs, strict=True):
+        key = ident.casefold()
+        if key in seen:
+            k = 2
+            while f"{ident}__{k}".casefold() in taken:
+                k += 1
+            ident = f"{ident}__{k}"
+            key = ident.casefold()
+            taken.add(key)
+        seen.add(key)
+        out.append(InputEntry(ident, path))
+    return out
+
+
+def _is_image_file(path: Path) -> bool:
+    from ptxseg.data.imageio import IMAGE_SUFFIXES, is_dicom
+
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return True
+    return suffix == "" and is_dicom(path)
+
+
+def _inside(path: Path, folders: Iterable[Path]) -> bool:
+    return any(path == f or f in path.parents for f in folders)
+
+
+def scan_folder(folder: Path, exclude: Sequence[Path] = ()) -> tuple[list[Path], list[Path]]:
+    """Image files under ``folder`` (recursive, sorted by relative path, like ``find | sort``)
+    and the other files skipped.
+
+    Hidden files and folders and anything under ``exclude`` (resolved paths) are ignored.
+    """
+    images, skipped = [], []
+    for root, dirs, files in os.walk(folder):
+        root_path = Path(root)
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".") and not _inside((root_path / d).resolve(), exclude)
+        ]
+        for name in files:
+            if name.startswith("."):
+                continue
+            path = root_path / name
+            (images if _is_image_file(path) else skipped).append(path)
+
+    def key(p: Path) -> tuple[str, ...]:
+        return p.relative_to(folder).parts
+
+    return sorted(images, key=key), sorted(skipped, key=key)
+
+
+def _dataset_pairs(folder: Path) -> tuple[list[tuple[str, Path]], str] | None:
+    """The images of a dataset folder of a known layout (png, ptx498, csv; or a manifest CSV
+    file), or ``None``.
+
+    SIIM folders are read as plain files (every DICOM, no run-length CSV needed), which is
+    also how a folder of DICOMs without a CSV is detected.
+    """
+    from ptxseg.data.sources import detect_layout, scan
+
+    try:
+        layout = detect_layout(folder)
+    except DataError:
+        return None
+    if layout == "siim":
+        return None
+    try:
+        found = scan(folder, layout, labels=False)
+    except DataError:
+        return None
+    return [(r.id, Path(r.image)) for r in found.records], layout
+
+
+def collect_inputs(inputs: Sequence[str | Path], *, exclude: Sequence[Path] = ()) -> Inputs:
+    """Resolve INPUT arguments (files, folders, dataset folders) into unique-id entries.
+
+    Raises:
+        DataError: an input that does not exist, or no image at all.
+    """
+    pairs: list[tuple[str, Path]] = []
+    notes: list[str] = []
+    exclude = [Path(p).resolve() for p in exclude]
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_file() and path.suffix.lower() == ".csv":
+            dataset = _dataset_pairs(path)
+            if dataset is None:
+                raise DataError(path, "a CSV input must be a manifest with columns image,mask")
+            pairs.extend(dataset[0])
+            notes.append(f"{path}: read as a manifest: {len(dataset[0])} images")
+        elif path.is_file():
+            pairs.append((path.stem, path))
+        elif path.is_dir():
+            dataset = _dataset_pairs(path)
+            if dataset is not None:
+                found, layout = dataset
+                pairs.extend(found)
+                notes.append(
+                    f"{path}: read as a {layout} dataset: {len(found)} images "
+                    "(masks and other files are not predicted)"
+                )
+                continue
+            images, skipped = scan_folder(path, exclude)
+            if not images:
+                raise DataError(
+                    path, "no images found (PNG, JPEG, TIFF, BMP or DICOM files, recursively)"
+                )
+            pairs.extend((p.stem, p) for p in images)
+            if skipped:
+                names = ", ".join(p.name for p in skipped[:3])
+                more = "..." if len(skipped) > 3 else ""
+                what = "1 file that is not an image" if len(skipped) == 1 else (
+                    f"{len(skipped)} files that are not images"
+                )
+                notes.append(f"{path}: skipped {what} ({names}{more})")
+        elif path.exists():
+            raise DataError(path, "not a file or folder")
+        else:
+            raise DataError(path, "no such file or folder")
+    seen: dict[Path, Path] = {}
+    unique: list[tuple[str, Path]] = []
+    for ident, path in pairs:
+        key = path.resolve()
+        if key in seen:
+            notes.append(f"{path}: named more than once, predicted once")
+            continue
+        seen[key] = path
+        unique.append((ident, path))
+    if not unique:
+        raise DataError(None, "no images to predict")
+    return Inputs(unique_ids(unique), notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# thresholds and backends
+
+
+def resolve_params(run: Path, thresholds: Path | None) -> tuple[PostParams, str]:
+    """The post-processing rule and where it came from (a path, or ``"default"``).
+
+    ``--thresholds FILE`` must exist; without it ``RUN/thresholds.json`` is used when present,
+    else :data:`DEFAULT_PARAMS` (the caller warns).
+    """
+    if thresholds is not None:
+        return load_params(thresholds), str(thresholds)
+    path = Path(run) / "thresholds.json"
+    if path.exists():
+        return load_params(path), str(path)
+    return DEFAULT_PARAMS, "default"
+
+
+@dataclass
+class Backend:
+    """A loaded model: ``model`` is a torch module or an :class:`~ptxseg.export.OnnxModel`."""
+
+    model: Any
+    size: int
+    name: str
+    description: str
+    pad_to_batch: bool = False
+
+
+def open_backend(
+    run: Path,
+    backend: str = "torch",
+    *,
+    model_path: Path | None = None,
+    device: str = "auto",
+    compile: bool | None = None,
+    n_images: int = 0,
+) -> Backend:
+    """Load the run's model for the ``torch`` backend (``RUN/best.ckpt`` + ``config.yaml``,
+    or ``model_path`` as the checkpoint) or the ``onnx`` backend (``RUN/model.onnx`` or
+    ``model_path``; the config is not read: the file's metadata says how to preprocess).
+
+    ``compile=None`` compiles on CUDA for at least :data:`COMPILE_MIN_IMAGES` images.
+    """
+    from ptxseg.inference import autocast_dtype, pick_device, prepare_model
+
+    if backend not in BACKENDS:
+        raise PtxsegError(f"--backend: unknown '{backend}' (valid: {', '.join(BACKENDS)})")
+    run = Path(run)
+    if backend == "onnx":
+        from ptxseg.export import OnnxModel, onnx_providers
+
+        want_cuda = device != "cpu"
+        model = OnnxModel(model_path or run / "model.onnx", onnx_providers(want_cuda))
+        return Backend(model, model.size, "onnx", f"onnx {model.describe()}")
+    from ptxseg.config import load_run_config
+    from ptxseg.model import load_model
+
+    cfg = load_run_config(run)
+    ckpt = Path(model_path) if model_path is not None else run / "best.ckpt"
+    model = load_model(cfg, ckpt)
+    dev = pick_device(device)
+    do_compile = compile
+    if do_compile is None:
+        do_compile = dev.type == "cuda" and n_images >= COMPILE_MIN_IMAGES
+    model = prepare_model(model, dev, compile=bool(do_compile))
+    what = f"{cfg.model.arch}/{cfg.model.encoder}, {cfg.data.size} px, {dev.type}"
+    dtype = autocast_dtype(dev)
+    if dtype is not None:
+        what += f", {str(dtype).removeprefix('torch.')} autocast, channels_last"
+    if do_compile:
+        what += ", compiled"
+    return Backend(model, cfg.data.size, "torch", f"torch {ckpt} ({what})", bool(do_compile))
+
+
+# ---------------------------------------------------------------------------------------------
+# per-image outputs
+
+
+def draw_prediction(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The radiograph with the predicted region tinted and outlined (BGR, for PNG writing);
+    with an empty mask, the radiograph itself (one channel: a third of the PNG encoding).
+
+    Shape:
+        - image: ``(H, W)`` uint8; mask: ``(H, W)`` {0, 1}
+        - output: ``(h, w, 3)`` uint8 (``(h, w)`` when the mask is empty), longest side at
+          most :data:`OVERLAY_MAX_SIDE`
+    """
+    h, w = mask.shape
+    scale = min(1.0, OVERLAY_MAX_SIDE / max(h, w))
+    if scale < 1.0:
+        dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = cv2.resize(image, dsize, interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(mask, dsize, interpolation=cv2.INTER_NEAREST)
+    if not mask.any():
+        return np.ascontiguousarray(image)
+    mask = mask.astype(np.uint8, copy=False)
+    bgr = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    tint = np.empty_like(bgr)
+    tint[:] = OVERLAY_BGR
+    blended = cv2.addWeighted(bgr, 1.0 - OVERLAY_ALPHA, tint, OVERLAY_ALPHA, 0.0)
+    cv2.copyTo(blended, mask, bgr)
+    contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    thickness = max(1, round(max(bgr.shape[:2]) / 400))
+    cv2.drawContours(bgr, contours, -1, OVERLAY_BGR, thickness)
+    return bgr
+
+
+@dataclass
+class ImageResult:
+    """One row of results.csv (and of the Kaggle CSV when ``rle`` is set)."""
+
+    id: str
+    source: str
+    height: int = 0
+    width: int = 0
+    has_pneumothorax: bool | None = None
+    area_px: int | None = None
+    area_fraction: float | None = None
+    max_prob: float | None = None
+    status: str = "ok"
+    kaggle_id: str | None = None
+    rle: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def row(self) -> list[str]:
+        if not self.ok:
+            return [self.id, self.source, "", "", "", "", "", "", self.status]
+        return [
+            self.id,
+            self.source,
+            str(self.height),
+            str(self.width),
+            str(int(bool(self.has_pneumothorax))),
+            str(self.area_px),
+            f"{self.area_fraction:.6f}",
+            f"{self.max_prob:.6f}",
+            self.status,
+        ]
+
+
+@dataclass(frozen=True)
+class _Post:
+    params: PostParams
+    out: Path
+    overlays: bool
+    kaggle: bool
+
+
+def kaggle_image_id(path: Path, fallback: str) -> str:
+    """The SIIM-ACR ImageId: the DICOM's SOPInstanceUID, else ``fallback`` (the file stem)."""
+    from ptxseg.data.imageio import dicom_meta, is_dicom
+
+    if is_dicom(path):
+        try:
+            uid = dicom_meta(path)["SOPInstanceUID"]
+        except DataError:
+            uid = None
+        if uid:
+            return uid
+    return fallback
+
+
+def _write(fn, path: Path, *args, **kwargs) -> None:
+    try:
+        fn(path, *args, **kwargs)
+    except OSError as exc:
+        raise PtxsegError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def _finish(item, probs: np.ndarray, post: _Post) -> ImageResult:
+    """Native-size post-processing and the per-image files of one prediction (thread pool)."""
+    from ptxseg.data.rle import encode
+    from ptxseg.fileio import write_png
+    from ptxseg.inference import probs_to_native
+
+    h, w = item.height, item.width
+    native = probs_to_native(probs, h, w)
+    mask = binarize(native, post.params, area_scale=area_scale(post.params, h, w))
+    area = int(np.count_nonzero(mask))
+    _write(write_png, post.out / "masks" / f"{item.id}.png", mask * np.uint8(255))
+    if post.overlays:
+        overlay = draw_prediction(item.image, mask)
+        path = post.out / "overlays" / f"{item.id}.png"
+        _write(write_png, path, overlay, fast=True)
+    result = ImageResult(
+        id=item.id,
+        source=item.path,
+        height=h,
+        width=w,
+        has_pneumothorax=area > 0,
+        area_px=area,
+        area_fraction=area / float(h * w),
+        max_prob=float(native.max()),
+    )
+    if post.kaggle:
+        result.kaggle_id = kaggle_image_id(Path(item.path), item.id)
+        result.rle = encode(mask)
+    return result
+
+
+def _error_reason(item) -> str:
+    message = item.error or "cannot read image"
+    prefix = f"{item.path}: "
+    return message.removeprefix(prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class PredictSummary:
+    out: Path
+    n_images: int
+    n_positive: int
+    errors: list[tuple[str, str]]  # (source, reason)
+    seconds: float  # the whole call, model loading included
+    loop_seconds: float  # first read to last write
+    backend: str
+    thresholds_source: str
+    notes: list[str]
+
+    @property
+    def n_errors(self) -> int:
+        return len(self.errors)
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput of the prediction loop (model loading excluded)."""
+        return self.n_images / self.loop_seconds if self.loop_seconds > 0 else 0.0
+
+
+def _progress(enabled: bool, console):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def run_prediction(
+    backend: Backend,
+    inputs: Inputs,
+    out: Path,
+    params: PostParams,
+    *,
+    tta: str = "none",
+    kaggle_csv: Path | None = None,
+    batch_size: int = 8,
+    workers: int | None = None,
+    writers: int | None = None,
+    overlays: bool = True,
+    progress: bool = True,
+    console=None,
+) -> tuple[list[tuple[str, str]], int, float]:
+    """Predict every input with a loaded backend and write the outputs (see the module doc).
+
+    Returns:
+        ``(errors, n_positive, seconds)``: ``(source, reason)`` of each unreadable file, and the
+        time from the first read to the last write (model loading excluded).
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    from ptxseg.fileio import atomic_open
+    from ptxseg.inference import check_tta, default_workers, predict_probs
+
+    check_tta(tta)
+    console = console or Console(stderr=True)
+    writers = writers or max(2, os.cpu_count() or 1)
+    max_in_flight = 2 * batch_size + 2 * writers  # bounded: memory constant in len(inputs)
+    post = _Post(params, Path(out), overlays, kaggle_csv is not None)
+    entries = [(e.id, e.path) for e in inputs.entries]
+    errors: list[tuple[str, str]] = []
+    n_positive = 0
+    workers = default_workers() if workers is None else workers
+
+    with contextlib.ExitStack() as stack:
+        res_fh = stack.enter_context(
+            atomic_open(Path(out) / "results.csv", "w", newline="", encoding="utf-8")
+        )
+        kag_fh = (
+            stack.enter_context(atomic_open(kaggle_csv, "w", newline="", encoding="utf-8"))
+            if kaggle_csv is not None
+            else None
+        )
+        pool = stack.enter_context(
+            ThreadPoolExecutor(max_workers=writers, thread_name_prefix="ptxseg-write")
+        )
+        bar = stack.enter_context(_progress(progress, console))
+        results = csv.writer(res_fh, lineterminator="\n")
+        results.writerow(RESULTS_COLUMNS)
+        kaggle = csv.writer(kag_fh, lineterminator="\n") if kag_fh is not None else None
+        if kaggle is not None:
+            kaggle.writerow(KAGGLE_COLUMNS)
+        task = bar.add_task("predicting", total=len(entries), rate="")
+        pending: deque[Future | ImageResult] = deque()
+        t0 = time.perf_counter()
+        done = 0
+
+        def emit(result: ImageResult) -> None:
+            nonlocal done, n_positive
+            results.writerow(result.row())
+            if result.ok:
+                n_positive += int(bool(result.has_pneumothorax))
+                if kaggle is not None:
+                    kaggle.writerow([result.kaggle_id, result.rle])
+            done += 1
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=1, rate=f"{rate:.1f} img/s")
+
+        def drain(block_until: int) -> None:
+            while pending and (
+                len(pending) > block_until
+                or isinstance(pending[0], ImageResult)
+                or pending[0].done()
+            ):
+                head = pending.popleft()
+                emit(head if isinstance(head, ImageResult) else head.result())
+
+        for item, probs in predict_probs(
+            backend.model,
+            entries,
+            backend.size,
+            batch_size=batch_size,
+            workers=workers,
+            tta=tta,
+            keep_image=overlays,
+            pad_to_batch=backend.pad_to_batch,
+        ):
+            if probs is None:
+                reason = _error_reason(item)
+                errors.append((item.path, reason))
+                bar.console.print(
+                    f"[yellow]warning:[/] {escape(item.path)}: {escape(reason)}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                pending.append(ImageResult(item.id, item.path, status=f"error: {reason}"))
+            else:
+                pending.append(pool.submit(_finish, item, probs, post))
+            drain(max_in_flight)
+        drain(0)
+        seconds = time.perf_counter() - t0
+    return errors, n_positive, seconds
+
+
+def predict(
+    run: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    thresholds: str | Path | None = None,
+    tta: str = "none",
+    kaggle_csv: str | Path | None = None,
+    backend: str = "torch",
+    model_path: str | Path | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    overlays: bool = True,
+    device: str = "auto",
+    compile: bool | None = None,
+    progress: bool = True,
+    console=None,
+) -> PredictSummary:
+    """Predict masks for ``inputs`` with the model of ``run`` and write them under ``out``.
+
+    Args:
+        run: a run folder (``config.yaml`` + ``best.ckpt``, ``thresholds.json`` when tuned;
+            ``model.onnx`` for the onnx backend).
+        inputs: image files and folders (see the module doc).
+        out: output folder (created; files of the same name are replaced).
+        thresholds: a thresholds.json to use instead of ``RUN/thresholds.json``.
+        tta: ``none`` or ``hflip`` (average with the mirrored image).
+        kaggle_csv: also write a SIIM-ACR submission CSV here.
+        backend: ``torch`` or ``onnx``.
+        model_path: checkpoint (torch) or ONNX file (onnx) instead of the run's own.
+        batch_size: images per forward pass (default 32 on CUDA, 4 on the CPU).
+        workers: image-reading processes (default: one per core, up to 8; 0 = in-process).
+        overlays: also write overlays/<id>.png.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        compile: ``torch.compile`` the model (``None``: on CUDA for large folders).
+
+    Returns:
+        A :class:`PredictSummary`; unreadable files are in ``errors`` (the CLI exits 2).
+
+    Raises:
+        PtxsegError: missing inputs, unusable run folder, checkpoint, model or thresholds file
+            (before anything is written).
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    from ptxseg import __version__
+    from ptxseg.fileio import write_json
+    from ptxseg.inference import check_tta
+
+    t0 = time.perf_counter()
+    console = console or Console(stderr=True)
+    run, out = Path(run), Path(out)
+    check_tta(tta)
+    if backend not in BACKENDS:
+        raise PtxsegError(f"--backend: unknown '{backend}' (valid: {', '.join(BACKENDS)})")
+    if batch_size is not None and batch_size < 1:
+        raise PtxsegError(f"--batch-size: must be at least 1 (got {batch_size})")
+    collected = collect_inputs(inputs, exclude=[out])
+    params, source = resolve_params(run, Path(thresholds) if thresholds else None)
+    model = open_backend(
+        run,
+        backend,
+        model_path=Path(model_path) if model_path else None,
+        device=device,
+        compile=compile,
+        n_images=len(collected.entries),
+    )
+    if source != "default":  # a file without "size": its areas are at model resolution
+        params = with_model_size(params, model.size)
+    for note in collected.notes:
+        console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+    if source == "default":
+        console.print(
+            f"[yellow]warning:[/] {escape(str(run / 'thresholds.json'))} not found (run "
+            f"`ptxseg tune RUN`): using the default rule, {DEFAULT_PARAMS.describe()}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if batch_size is None:
+        on_cuda = model.name == "torch" and next(model.model.parameters()).device.type == "cuda"
+        batch_size = 32 if on_cuda else 4
+    out.mkdir(parents=True, exist_ok=True)
+    errors, n_positive, loop_seconds = run_prediction(
+        model,
+        collected,
+        out,
+        params,
+        tta=tta,
+        kaggle_csv=Path(kaggle_csv) if kaggle_csv else None,
+        batch_size=batch_size,
+        workers=workers,
+        overlays=overlays,
+        progress=progress,
+        console=console,
+    )
+    seconds = time.perf_counter() - t0
+    summary = PredictSummary(
+        out=out,
+        n_images=len(collected.entries),
+        n_positive=n_positive,
+        errors=errors,
+        seconds=seconds,
+        loop_seconds=loop_seconds,
+        backend=model.description,
+        thresholds_source=source,
+        notes=collected.notes,
+    )
+    write_json(
+        out / "predict.json",
+        {
+            "ptxseg_version": __version__,
+            "run": str(run),
+            "backend": model.description,
+            "input_size": model.size,
+            "tta": tta,
+            "batch_size": batch_size,
+            "thresholds": params.to_dict(),
+            "thresholds_source": source,
+            "images": summary.n_images,
+            "positive": n_positive,
+            "errors": summary.n_errors,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(summary.images_per_s, 3),
+        },
+    )
+    return summary
