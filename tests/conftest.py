@@ -52,3 +52,153 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny_cfg():
     return tiny_config()
+
+
+# --- data layer (data engineer) -----------------------------------------------------------
+
+
+def write_dicom(path, pixels=None, **attrs):
+    """Write a small uncompressed DICOM file; ``pixels=None`` writes one without pixel data.
+
+    ``pixels`` is a uint8/uint16/int16 (H, W) array; ``attrs`` set/override header fields
+    (e.g. ``PhotometricInterpretation="MONOCHROME1"``, ``WindowCenter=..``).
+    """
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = attrs.get("SOPInstanceUID") or generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientID = "P0"
+    ds.Modality = "CR"
+    if pixels is not None:
+        pixels = np.asarray(pixels)
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = pixels.dtype.itemsize * 8
+        ds.BitsStored = ds.BitsAllocated
+        ds.HighBit = ds.BitsStored - 1
+        ds.PixelRepresentation = int(pixels.dtype.kind == "i")
+        ds.PixelData = pixels.tobytes()
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def make_dicom():
+    """``make_dicom(path, pixels, **attrs)``: see :func:`write_dicom`."""
+    return write_dicom
+
+
+# --- prediction and export (prediction engineer) ------------------------------------------
+
+
+def make_run(run, *, encoder="efficientnet-b0", decisive=True, thresholds=None, seed=0):
+    """A run folder built by hand: ``config.yaml`` (tiny config), ``best.ckpt`` and, when
+    ``thresholds`` (a PostParams) is given, ``thresholds.json``. ``decisive`` scales the
+    segmentation head of the random network so its logits spread over about +-10: masks are
+    then far from the 0.5 threshold almost everywhere (torch vs ONNX comparisons stay exact).
+    Returns the model (CPU, eval)."""
+    import torch
+
+    from ptxseg.config import save_config
+    from ptxseg.model import build_model, save_model_checkpoint
+    from ptxseg.postprocess import save_params
+
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(**{"model.encoder": encoder})
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, pretrained=False).eval()
+    if decisive:
+        head = model.net.segmentation_head[0]
+        with torch.no_grad():
+            head.weight.mul_(150.0)
+            head.bias.mul_(150.0).sub_(13.0)
+    save_model_checkpoint(model, run / "best.ckpt")
+    if thresholds is not None:
+        save_params(thresholds, run / "thresholds.json")
+    return model
+
+
+# --- training (training engineer) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """16 synthetic 64 px image/mask pairs (png layout, half positive, seed 0)."""
+    from ptxseg.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synth16") / "data"
+    generate(root, n=16, size=64, seed=0, positive_fraction=0.5)
+    return root
+
+
+TINY_RUN_SETTINGS = {"train.epochs": 3, "optim.lr": 1e-3}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, synth_data) -> Path:
+    """A real run folder trained by ``ptxseg.train.fit`` on ``synth_data``: tiny config with
+    ``TINY_RUN_SETTINGS`` (3 epochs, lr 1e-3); holds config.yaml, split.csv, best.ckpt,
+    last.ckpt, metrics.csv, curves.png. Read-only for tests: copy it before changing it."""
+    from ptxseg.train import fit
+
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    fit(tiny_config(**TINY_RUN_SETTINGS), synth_data, run, progress=False)
+    return run
+
+
+# --- evaluation (evaluation engineer) -----------------------------------------------------
+
+
+def parse_html_report(path) -> dict:
+    """Parse an HTML page strictly with ``html.parser``: every non-void element must be closed
+    in order. Returns ``{"imgs": [decoded PNG bytes of each <img> data URI], "text": the
+    visible text, "tags": {tag: count}}``. Raises AssertionError on a structural error or an
+    <img> that is not an embedded PNG."""
+    import base64
+    from collections import Counter
+    from html.parser import HTMLParser
+
+    void = {"meta", "img", "br", "hr", "link", "input", "col", "source", "wbr"}
+
+    class _Checker(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.stack, self.imgs, self.text, self.tags = [], [], [], Counter()
+
+        def handle_starttag(self, tag, attrs):
+            self.tags[tag] += 1
+            if tag == "img":
+                src = dict(attrs).get("src") or ""
+                prefix = "data:image/png;base64,"
+                assert src.startswith(prefix), f"<img> without an embedded PNG: {src[:60]}"
+                data = base64.b64decode(src[len(prefix) :], validate=True)
+                assert data.startswith(b"\x89PNG\r\n\x1a\n"), "data URI is not a PNG"
+                self.imgs.append(data)
+            elif tag not in void:
+                self.stack.append(tag)
+
+        def handle_endtag(self, tag):
+            assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-1:]}"
+            self.stack.pop()
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    checker = _Checker()
+    checker.feed(Path(path).read_text(encoding="utf-8"))
+    checker.close()
+    assert not checker.stack, f"unclosed elements: {checker.stack}"
+    return {"imgs": checker.imgs, "text": "".join(checker.text), "tags": dict(checker.tags)}

@@ -1,0 +1,520 @@
+"""The command line: the only module that reads argv. Each command parses its options and
+calls one library function; library errors (``PtxsegError``) become one red line on stderr
+and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from ptxseg.errors import PtxsegError
+
+app = typer.Typer(
+    name="ptxseg",
+    help="Pneumothorax segmentation on chest X-rays (U-Net + EfficientNet-B4).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+LAYOUTS = "auto | png | siim | ptx498 | csv"
+
+
+def fail(message: str) -> None:
+    """Print one red error line and exit with code 2."""
+    print_error(message)
+    raise typer.Exit(2)
+
+
+def print_error(message: str) -> None:
+    """One red ``error:`` line on stderr; the message itself is printed verbatim (no markup)."""
+    err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        from ptxseg import __version__
+
+        console.print(f"ptxseg {__version__}")
+        raise typer.Exit(0)
+
+
+# --- data commands (synth, inspect) -------------------------------------------------------
+
+
+@app.command("synth")
+def synth_cmd(
+    out: Annotated[Path, typer.Argument(help="Output folder (created; must be empty).")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 200,
+    size: Annotated[int, typer.Option("--size", min=32, max=4096, help="Image side.")] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    positive_fraction: Annotated[
+        float,
+        typer.Option("--positive-fraction", min=0.0, max=1.0, help="Share with a lesion."),
+    ] = 0.5,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Write into a non-empty folder.")
+    ] = False,
+) -> None:
+    """Write a synthetic chest X-ray dataset (png layout) with pneumothorax-like lesions."""
+    from ptxseg.data.synthetic import generate
+
+    records = generate(
+        out, n=n, size=size, seed=seed, positive_fraction=positive_fraction,
+        overwrite=overwrite, progress=True,
+    )
+    positives = sum(bool(r.has_pneumothorax) for r in records)
+    console.print(
+        f"wrote {len(records)} images ({positives} with a pneumothorax, "
+        f"{len(records) - positives} without) to {out}", markup=False, highlight=False,
+    )
+
+
+def _print_inspect(report) -> None:
+    from rich.table import Table
+
+    how = "detected" if report.detected else "given"
+    summary = Table(title=f"{report.root}", show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("layout", f"{report.layout} ({how})")
+    summary.add_row("images", str(report.images))
+    summary.add_row("pairs (with ground truth)", str(report.pairs))
+    summary.add_row("positive", str(report.positive))
+    summary.add_row("negative", str(report.negative))
+    if report.no_ground_truth:
+        summary.add_row("no ground truth", str(report.no_ground_truth))
+    for name, counts in (("image sizes", report.image_sizes), ("bit depths", report.bit_depths),
+                         ("channels", report.channels), ("formats", report.formats)):
+        summary.add_row(name, ", ".join(f"{k}: {v}" for k, v in counts.items()) or "-")
+    area = report.mask_area
+    if area["count"]:
+        summary.add_row(
+            "lesion area (px)",
+            f"min {area['min']}, median {area['median']:.0f}, mean {area['mean']:.0f}, "
+            f"max {area['max']} (mean {100 * area['mean_fraction']:.2f}% of the image)",
+        )
+    console.print(summary)
+    if report.problems:
+        table = Table(title=f"{len(report.problems)} problem(s)", title_style="bold red",
+                      title_justify="left")
+        table.add_column("file", overflow="fold")
+        table.add_column("kind")
+        table.add_column("problem", overflow="fold")
+        for p in report.problems:
+            table.add_row(Text(p.path), p.kind, Text(p.problem))
+        console.print(table)
+    else:
+        console.print("[green]no problems found[/]")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (or manifest CSV).")],
+    layout: Annotated[str, typer.Option("--layout", help=LAYOUTS)] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Count images, labels, sizes and lesion areas; list every problem (exit 2 if any)."""
+    import json
+
+    from rich.progress import Progress
+
+    from ptxseg.data.inspect import inspect_dataset
+
+    if as_json:
+        report = inspect_dataset(data, layout)
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        with Progress(console=err_console, transient=True) as bar:
+            task = bar.add_task("inspect", total=None)
+            report = inspect_dataset(
+                data, layout, on_progress=lambda i, n: bar.update(task, completed=i, total=n)
+            )
+        _print_inspect(report)
+    if report.problems:
+        raise typer.Exit(2)
+
+# --- training commands (train, prepare) ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Show Python warnings as one yellow ``warning:`` line each (no source line)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err_console.print(Text.assemble(("warning: ", "bold yellow"), str(message)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
+
+
+@app.command("train")
+def train_cmd(
+    data: Annotated[Path, typer.Option("--data", help="Dataset folder (any layout).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder to create (or --resume).")],
+    config: Annotated[
+        str | None,
+        typer.Option("--config", "-c", help="YAML file or built-in name (paper, demo)."),
+    ] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set train.epochs=50."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from last.ckpt.")
+    ] = False,
+    devices: Annotated[
+        int | None, typer.Option("--devices", min=1, help="GPUs (DDP when > 1).")
+    ] = None,
+    layout: Annotated[str | None, typer.Option("--layout", help=LAYOUTS)] = None,
+) -> None:
+    """Train the U-Net (the paper's recipe by default) and write the run folder.
+
+    Without --config the built-in 'paper' config is used; with --resume, the run's own
+    config.yaml. Multi-node: see the README (torchrun / SLURM) and ptxseg.train.
+    """
+    from ptxseg.config import load_config
+    from ptxseg.errors import RunDirError
+    from ptxseg.train import fit, global_rank, run_summary
+
+    overrides = list(sets or [])
+    if devices is not None:
+        overrides.append(f"train.devices={devices}")
+    if layout is not None:
+        overrides.append(f"data.layout={layout}")
+    if resume and config is None:
+        if not (out / "config.yaml").is_file():
+            raise RunDirError(f"{out}: not a run folder to resume (no config.yaml)")
+        cfg = load_config(out / "config.yaml", overrides)
+    else:
+        cfg = load_config(config or "paper", overrides)
+    with _warnings_as_lines():
+        fit(cfg, data, out, resume=resume)
+    if global_rank() == 0:
+        console.print(run_summary(out), markup=False, highlight=False)
+
+
+@app.command("prepare")
+def prepare_cmd(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (any layout).")],
+    out: Annotated[Path, typer.Argument(help="New folder for the resized png-layout copy.")],
+    size: Annotated[int, typer.Option("--size", min=32, max=4096, help="Output side.")] = 512,
+    layout: Annotated[str, typer.Option("--layout", help=LAYOUTS)] = "auto",
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="Decoding threads (default: cores).")
+    ] = None,
+) -> None:
+    """Write a pre-resized png-layout copy of a dataset (fast training input)."""
+    from ptxseg.data.prepare import prepare
+
+    records = prepare(data, out, size, layout, workers=workers, progress=True)
+    extra = " (+ manifest.csv with patient ids: train with --layout csv)" if any(
+        r.patient_id for r in records
+    ) else ""
+    console.print(
+        f"wrote {len(records)} image/mask pairs at {size}x{size} to {out}{extra}",
+        markup=False,
+        highlight=False,
+    )
+
+
+# --- post-processing and evaluation commands (tune, evaluate) -----------------------------
+
+
+@app.command()
+def tune(
+    run: Annotated[Path, typer.Argument(help="Run folder (config.yaml, best.ckpt, split.csv).")],
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Dataset the run was trained on (default: the recorded one)."),
+    ] = None,
+    layout: Annotated[str, typer.Option("--layout", help=f"Dataset layout: {LAYOUTS}.")] = "auto",
+    objective: Annotated[
+        str,
+        typer.Option(
+            "--objective",
+            help="iou: pooled-pixel IoU (the paper's); kaggle: SIIM-ACR mean per-image Dice.",
+        ),
+    ] = "iou",
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="pixel: threshold + small-component removal; triplet: top threshold, min "
+            "area, bottom threshold (SIIM-ACR winners).",
+        ),
+    ] = "pixel",
+    tta: Annotated[str, typer.Option("--tta", help="Test-time augmentation: none | hflip.")] = (
+        "none"
+    ),
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Default: the run's.")
+    ] = None,
+) -> None:
+    """Choose the post-processing on the run's validation split; writes RUN/thresholds.json."""
+    from ptxseg.tune import tune_run
+
+    path, result = tune_run(
+        run,
+        data,
+        layout=layout,
+        objective=objective,  # type: ignore[arg-type]
+        mode=mode,  # type: ignore[arg-type]
+        tta=tta,
+        batch_size=batch_size,
+        progress=True,
+    )
+    console.print(
+        Text(f"{result.params.describe()}: {result.objective} = {result.score:.4f}", style="bold")
+    )
+    console.print(Text(f"wrote {path}"))
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder (config.yaml, best.ckpt).")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset to evaluate on (any layout).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    thresholds: Annotated[
+        Path | None,
+        typer.Option("--thresholds", help="Thresholds file (default: RUN/thresholds.json)."),
+    ] = None,
+    at: Annotated[
+        str,
+        typer.Option(
+            "--at",
+            help="native: compare at each image's own resolution; model: at model resolution "
+            "with the ground truth resized (the paper's).",
+        ),
+    ] = "native",
+    layout: Annotated[str, typer.Option("--layout", help=f"Dataset layout: {LAYOUTS}.")] = "auto",
+    split: Annotated[
+        str,
+        typer.Option("--split", help="all images, or only the run's val / train ids (split.csv)."),
+    ] = "all",
+    tta: Annotated[str, typer.Option("--tta", help="Test-time augmentation: none | hflip.")] = (
+        "none"
+    ),
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Default: the run's.")
+    ] = None,
+) -> None:
+    """Evaluate a run: metrics.json, per_image.csv, confusion matrix, overlays, report.html."""
+    from ptxseg.evaluate import evaluate_run
+    from ptxseg.report import metrics_table
+
+    metrics = evaluate_run(
+        run,
+        data,
+        out,
+        thresholds=thresholds,
+        at=at,
+        layout=layout,
+        split=split,
+        tta=tta,
+        batch_size=batch_size,
+        progress=True,
+    )
+    console.print(metrics_table(metrics))
+    console.print(Text(f"wrote {out}/ (metrics.json, per_image.csv, report.html, ...)"))
+
+
+# --- prediction and export commands (predict, export) -------------------------------------
+
+
+@app.command()
+def predict(
+    run: Annotated[
+        Path, typer.Argument(help="Run folder (config.yaml, best.ckpt, thresholds.json).")
+    ],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Image files (PNG, JPEG, TIFF, BMP, DICOM) and folders (searched recursively; "
+            "a dataset folder gives its images).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    thresholds: Annotated[
+        Path | None,
+        typer.Option("--thresholds", help="Thresholds file (default: RUN/thresholds.json)."),
+    ] = None,
+    tta: Annotated[str, typer.Option("--tta", help="Test-time augmentation: none | hflip.")] = (
+        "none"
+    ),
+    kaggle_csv: Annotated[
+        Path | None,
+        typer.Option("--kaggle-csv", help="Also write a SIIM-ACR submission CSV here."),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option("--backend", help="torch (RUN/best.ckpt) | onnx (RUN/model.onnx).")
+    ] = "torch",
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Checkpoint (torch) or ONNX file (onnx) to use instead."),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", min=1, help="Images per batch (default: 32 GPU, 4 CPU)."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", min=0, help="Image-reading processes (default: cores, <= 8)."),
+    ] = None,
+    overlays: Annotated[
+        bool, typer.Option("--overlays/--no-overlays", help="Write overlays/<id>.png.")
+    ] = True,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the model (default: on CUDA for >= 1000 images).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Predict masks: masks/<id>.png, overlays/<id>.png, results.csv (exit 2 if a file fails)."""
+    from ptxseg.predict import predict as predict_fn
+
+    summary = predict_fn(
+        run,
+        inputs,
+        out,
+        thresholds=thresholds,
+        tta=tta,
+        kaggle_csv=kaggle_csv,
+        backend=backend,
+        model_path=model,
+        batch_size=batch_size,
+        workers=workers,
+        overlays=overlays,
+        device=device,
+        compile=compile,
+        progress=True,
+        console=err_console,
+    )
+    ok = summary.n_images - summary.n_errors
+    console.print(
+        Text(
+            f"{ok} image{'s' * (ok != 1)} predicted, {summary.n_positive} with pneumothorax "
+            f"({summary.images_per_s:.1f} images/s); wrote {out}/ (masks/, "
+            f"{'overlays/, ' if overlays else ''}results.csv)"
+            + (f" and {kaggle_csv}" if kaggle_csv else "")
+        ),
+        soft_wrap=True,
+    )
+    if summary.n_errors:
+        fail(
+            f"{summary.n_errors} of {summary.n_images} file{'s' * (summary.n_images != 1)} "
+            f"could not be read (see the status column of {out / 'results.csv'})"
+        )
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder (config.yaml, best.ckpt).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="ONNX file (default: RUN/model.onnx).")
+    ] = None,
+    tolerance: Annotated[
+        float,
+        typer.Option("--tolerance", min=0.0, help="Largest ONNX vs PyTorch probability gap."),
+    ] = 1e-4,
+) -> None:
+    """Export the run's model to ONNX (dynamic batch) and check parity with PyTorch."""
+    from ptxseg.export import export_run
+
+    result = export_run(run, out, tolerance=tolerance)
+    console.print(
+        Text(
+            f"parity: max |ONNX Runtime - PyTorch| probability = {result.max_abs_diff:.2e} "
+            f"(tolerance {result.tolerance:g}, fp32, batch of 3 at {result.size} px)"
+        ),
+        soft_wrap=True,
+    )
+    console.print(Text(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB)"))
+
+
+# --- demo ---------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (new, or a previous demo's).")]
+    = Path("demo"),
+    n_train: Annotated[
+        int | None, typer.Option("--n-train", min=8, help="Synthetic training images.")
+    ] = None,
+    n_test: Annotated[
+        int | None, typer.Option("--n-test", min=2, help="Held-out synthetic test images.")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", min=32, help="Side of the synthetic images.")
+    ] = None,
+    config: Annotated[
+        str, typer.Option("--config", help="Config file or built-in name.")
+    ] = "demo",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Config override key=value (repeatable)."),
+    ] = None,
+) -> None:
+    """Run the whole pipeline on synthetic data: synth, train, tune, evaluate, predict."""
+    import torch
+
+    from ptxseg.demo import default_size, run_demo
+    from ptxseg.report import metrics_table
+
+    size = default_size(torch.cuda.is_available())
+    size.n_train = n_train or size.n_train
+    size.n_test = n_test or size.n_test
+    size.image_size = image_size or size.image_size
+    with _warnings_as_lines():
+        metrics = run_demo(out, size=size, config=config, overrides=set_ or [], console=console)
+    console.print(metrics_table(metrics))
+    console.print(
+        Text.assemble(
+            "held-out pooled Dice ",
+            (f"{metrics['pooled']['f1']:.4f}", "bold"),
+            f", IoU {metrics['pooled']['iou']:.4f}; report: ",
+            (str(out / "report.html"), "bold cyan"),
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning library errors into one line and exit code 2."""
+    try:
+        app(args=argv, prog_name="ptxseg", standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    except PtxsegError as exc:
+        print_error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        return 130
+    return 0
+
+
+def run() -> None:  # console script
+    sys.exit(main())
+
+
+_ = Path  # re-exported for command sections

@@ -1,0 +1,160 @@
+"""``ptxseg demo``: the whole pipeline on synthetic data, on any machine.
+
+synthesise (train pool + held-out test) -> train (configs/demo.yaml: the paper's U-Net +
+EfficientNet-B4, no pretrained weights, sized for a 2-core CPU) -> tune thresholds on the
+validation split -> evaluate on the held-out test -> predict a few images.
+
+Layout of the output folder::
+
+    OUT/data/train, OUT/data/test   synthetic datasets (png layout)
+    OUT/run/                        the training run (config.yaml, best.ckpt, thresholds.json ...)
+    OUT/metrics.json, report.html,  the evaluation of the held-out test (``ptxseg evaluate``)
+      per_image.csv, confusion_matrix.png, overlays/
+    OUT/predictions/                ``ptxseg predict`` on a few test images (+ submission.csv)
+    OUT/demo.json                   what was run, with the time of each step
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ptxseg.config import load_config
+from ptxseg.errors import RunDirError
+from ptxseg.fileio import write_json
+
+MARKER = "demo.json"
+
+
+@dataclass
+class DemoSize:
+    """How much data the demo makes and which config overrides it applies."""
+
+    n_train: int
+    n_test: int
+    image_size: int
+    overrides: list[str] = field(default_factory=list)
+
+
+def default_size(cuda: bool) -> DemoSize:
+    """CPU: the demo config as is. GPU: more images, larger inputs, more epochs."""
+    if cuda:
+        return DemoSize(
+            n_train=1200,
+            n_test=200,
+            image_size=512,
+            overrides=["data.size=256", "train.batch_size=32", "train.epochs=15",
+                       "data.workers=null"],
+        )
+    return DemoSize(n_train=300, n_test=60, image_size=256)
+
+
+def _prepare_out(out: Path) -> None:
+    """An empty/new folder, or a previous demo's folder (whose own outputs are replaced).
+    Anything else is refused: the demo never deletes what it did not write."""
+    if not out.exists():
+        out.mkdir(parents=True)
+        return
+    if not out.is_dir():
+        raise RunDirError(f"{out}: exists and is not a folder")
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    if not (out / MARKER).exists():
+        raise RunDirError(
+            f"{out}: folder exists and is not a previous demo output (no {MARKER}); "
+            "choose another --out"
+        )
+    for name in ("data", "run", "overlays", "predictions"):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    for name in (MARKER, "metrics.json", "per_image.csv", "report.html", "confusion_matrix.png"):
+        (out / name).unlink(missing_ok=True)
+
+
+def run_demo(
+    out: str | Path,
+    *,
+    size: DemoSize | None = None,
+    config: str | Path = "demo",
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+    console=None,
+) -> dict[str, Any]:
+    """Run the whole pipeline into ``out``; return the held-out evaluation (metrics.json)."""
+    import torch
+    from rich.console import Console
+
+    from ptxseg.data.synthetic import generate
+    from ptxseg.evaluate import evaluate_run
+    from ptxseg.predict import predict
+    from ptxseg.train import fit
+    from ptxseg.tune import tune_run
+
+    console = console or Console()
+    out = Path(out)
+    cuda = torch.cuda.is_available()
+    size = size or default_size(cuda)
+    cfg = load_config(config, [*size.overrides, *overrides])
+    _prepare_out(out)
+    timings: dict[str, float] = {}
+    record: dict[str, Any] = {
+        "device": "cuda" if cuda else "cpu",
+        "n_train": size.n_train,
+        "n_test": size.n_test,
+        "image_size": size.image_size,
+        "config": str(config),
+        "overrides": [*size.overrides, *overrides],
+        "seconds": timings,
+    }
+    write_json(out / MARKER, record)
+
+    def step(name: str, title: str):
+        console.rule(f"[bold]{title}")
+        return name, time.perf_counter()
+
+    name, t0 = step("synth", f"1/5 synthesise {size.n_train} training + {size.n_test} test images")
+    train_dir, test_dir = out / "data" / "train", out / "data" / "test"
+    generate(train_dir, n=size.n_train, size=size.image_size, seed=0, progress=progress)
+    generate(test_dir, n=size.n_test, size=size.image_size, seed=1, progress=progress)
+    timings[name] = round(time.perf_counter() - t0, 2)
+
+    name, t0 = step(
+        "train",
+        f"2/5 train {cfg.model.arch} + {cfg.model.encoder} at {cfg.data.size} px, "
+        f"{cfg.train.epochs} epochs",
+    )
+    run = fit(cfg, train_dir, out / "run", progress=progress)
+    timings[name] = round(time.perf_counter() - t0, 2)
+
+    name, t0 = step("tune", "3/5 tune threshold + removal area on the validation split")
+    _, tuned = tune_run(run, progress=progress)
+    timings[name] = round(time.perf_counter() - t0, 2)
+
+    name, t0 = step("evaluate", "4/5 evaluate on the held-out synthetic test")
+    metrics = evaluate_run(run, test_dir, out, progress=progress)
+    timings[name] = round(time.perf_counter() - t0, 2)
+
+    name, t0 = step("predict", "5/5 predict a few test images")
+    sample = sorted((test_dir / "png_images").glob("*.png"))[:4]
+    predict(
+        run,
+        sample,
+        out / "predictions",
+        kaggle_csv=out / "predictions" / "submission.csv",
+        progress=progress,
+        console=console,
+    )
+    timings[name] = round(time.perf_counter() - t0, 2)
+    timings["total"] = round(sum(timings.values()), 2)
+    record["pooled_dice"] = metrics["pooled"]["f1"]
+    record["thresholds"] = {
+        "binary_threshold": tuned.params.binary_threshold,
+        "removal_area": tuned.params.removal_area,
+    }
+    write_json(out / MARKER, record)
+    return metrics
