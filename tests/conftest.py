@@ -8,6 +8,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # smp otherwise retries the hub for ~25 s
 os.environ.setdefault("MPLBACKEND", "Agg")
+# a wide console for rich, so long temporary paths are not folded in captured output
+os.environ["COLUMNS"] = "240"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

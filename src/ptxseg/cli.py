@@ -205,7 +205,7 @@ def train_cmd(
     with _warnings_as_lines():
         fit(cfg, data, out, resume=resume)
     if global_rank() == 0:
-        console.print(run_summary(out), markup=False, highlight=False)
+        console.print(run_summary(out), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("prepare")
