@@ -97,7 +97,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
             return (print, ("pwned",))
 
     with open(evil, "wb") as fh:
-        pickle.dump({"state_dict": Boom()}, fh)
+        pickle.dump({"state_dict": Boom()}, fh, protocol=2)
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_model(cfg, evil)
 

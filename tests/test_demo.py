@@ -1,0 +1,79 @@
+"""`ptxseg demo` end to end at a reduced size (the full size is measured in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import cv2
+import pytest
+
+from ptxseg.cli import main
+from ptxseg.demo import MARKER, DemoSize, _prepare_out, run_demo
+from ptxseg.errors import RunDirError
+
+TINY = [
+    "model.encoder=efficientnet-b0",
+    "data.size=64",
+    "train.epochs=1",
+    "train.batch_size=4",
+    "data.workers=0",
+    "train.accelerator=cpu",
+]
+
+
+def test_demo_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
+    out = tmp_path / "demo"
+    start = time.perf_counter()
+    metrics = run_demo(
+        out, size=DemoSize(n_train=24, n_test=8, image_size=64), overrides=TINY, progress=False
+    )
+    assert time.perf_counter() - start < 60
+
+    # the held-out evaluation, in the evaluate command's format
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    masks = sorted((out / "data/test/png_masks").glob("*.png"))
+    positives = sum(int(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE).any()) for p in masks)
+    assert saved["n_images"] == len(masks) == 8 and saved["n_positive"] == positives
+    pooled = saved["pooled"]
+    assert pooled["tp"] + pooled["fp"] + pooled["fn"] + pooled["tn"] == 8 * 64 * 64
+    assert "<img" in (out / "report.html").read_text() and (out / "confusion_matrix.png").exists()
+
+    # each stage's files
+    for name in ("config.yaml", "split.csv", "best.ckpt", "metrics.csv", "thresholds.json"):
+        assert (out / "run" / name).stat().st_size > 0, name
+    with open(out / "predictions/results.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    with open(out / "predictions/submission.csv") as fh:
+        assert [r["ImageId"] for r in csv.DictReader(fh)] == [
+            f"synth_{i:04d}" for i in range(4)
+        ]
+    record = json.loads((out / MARKER).read_text())
+    assert set(record["seconds"]) == {"synth", "train", "tune", "evaluate", "predict", "total"}
+    assert record["pooled_dice"] == pooled["f1"] and record["n_train"] == 24
+
+
+def test_demo_replaces_only_a_previous_demo(tmp_path):
+    prev = tmp_path / "prev"
+    (prev / "run").mkdir(parents=True)
+    (prev / MARKER).write_text("{}")
+    (prev / "notes.txt").write_text("mine")  # not the demo's: kept
+    _prepare_out(prev)
+    assert sorted(p.name for p in prev.iterdir()) == ["notes.txt"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("x")
+    with pytest.raises(RunDirError, match="not a previous demo output"):
+        _prepare_out(other)
+    assert (other / "data.csv").read_text() == "x"
+
+
+def test_cli_refuses_a_foreign_folder(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("x")
+    assert main(["demo", "--out", str(tmp_path), "--n-train", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "not a previous demo output" in err and "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
