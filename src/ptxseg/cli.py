@@ -5,6 +5,7 @@ and exit code 2, never a traceback."""
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -35,9 +36,20 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters (newlines, terminal escapes...) written as escapes
+    (``\\n``, ``\\x1b``): file names and CSV cells quoted in a message can neither break
+    it over several lines nor send commands to the terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def print_error(message: str) -> None:
-    """One red ``error:`` line on stderr; the message itself is printed verbatim (no markup)."""
-    err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+    """One red ``error:`` line on stderr; the message is printed as text (no markup, control
+    characters escaped)."""
+    err_console.print(Text.assemble(("error: ", "bold red"), one_line(message)), soft_wrap=True)
 
 
 @app.callback()
@@ -154,7 +166,7 @@ def _warnings_as_lines():
     """Show Python warnings as one yellow ``warning:`` line each (no source line)."""
 
     def show(message, category, filename, lineno, file=None, line=None):
-        err_console.print(Text.assemble(("warning: ", "bold yellow"), str(message)))
+        err_console.print(Text.assemble(("warning: ", "bold yellow"), one_line(str(message))))
 
     with warnings.catch_warnings():
         warnings.simplefilter("default")
@@ -506,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except PtxsegError as exc:
         print_error(str(exc))
+        return 2
+    except OSError as exc:  # disk full, permission denied, a name the OS refuses...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print_error(f"{where}{exc.strerror or exc}")
         return 2
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")

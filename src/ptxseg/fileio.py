@@ -29,7 +29,9 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the name is cut (to 100 bytes) so that the temp name stays within the usual 255-byte limit
+    head = os.fsdecode(os.fsencode(path.name)[:100])
+    fd, tmp = tempfile.mkstemp(prefix=f".{head}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
             if hasattr(os, "fchmod"):  # POSIX

@@ -121,7 +121,10 @@ def worker_init(worker_id: int) -> None:
     seed = int(info.seed % 2**32) if info is not None else worker_id
     np.random.seed(seed)
     random.seed(seed)
-    cv2.setNumThreads(1)  # one worker = one core; OpenCV's own threads only oversubscribe
+    # one worker = one core; OpenCV's own threads only oversubscribe. 0 (run sequentially),
+    # not 1: setNumThreads(1) tears down the thread pool inherited through fork and
+    # deadlocks when the parent had used it (tests/test_reliability_determinism.py)
+    cv2.setNumThreads(0)
     dataset = info.dataset if info is not None else None
     if isinstance(dataset, SegDataset):
         dataset.reseed(seed)

@@ -20,8 +20,10 @@ than ``MAX_PIXELS`` pixels are refused before anything is allocated.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +71,10 @@ def _check_pixels(path: Path, width: int, height: int, frames: int = 1, channels
     if width <= 0 or height <= 0:
         raise DataError(path, f"header claims an empty image ({width}x{height})")
     if total > MAX_PIXELS:
-        raise DataError(
-            path, f"header claims {width}x{height} pixels, above the {MAX_PIXELS} limit; refused"
-        )
+        what = f"{width}x{height} pixels"
+        if frames > 1 or channels > 1:
+            what += f" x {frames} frame(s) x {channels} sample(s)"
+        raise DataError(path, f"header claims {what}, above the {MAX_PIXELS} limit; refused")
 
 
 def _stretch(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -181,6 +184,18 @@ def _dcmread(path: Path, **kwargs):
         raise DataError(path, f"cannot read DICOM header ({type(exc).__name__}: {exc})") from None
 
 
+@contextlib.contextmanager
+def _dicom_errors(path: Path) -> Iterator[None]:
+    """Corrupt header values surface lazily, when an element is first read (unknown VR,
+    empty multi-valued window, non-numeric strings...): any such failure -> DataError."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt values
+        raise DataError(path, f"corrupt DICOM header ({type(exc).__name__}: {exc})") from None
+
+
 def _has_pixels(ds) -> bool:
     return any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
 
@@ -202,22 +217,28 @@ def _window_linear(arr: np.ndarray, center: float, width: float) -> np.ndarray:
 
 
 def _read_dicom(path: Path) -> np.ndarray:
+    ds = _dcmread(path)
+    with _dicom_errors(path):
+        return _dicom_to_uint8(path, ds)
+
+
+def _dicom_to_uint8(path: Path, ds) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    ds = _dcmread(path)
     if not _has_pixels(ds):
         raise DataError(path, "DICOM file has no pixel data")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    _check_pixels(path, cols, rows, frames, int(ds.get("SamplesPerPixel", 1) or 1))
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    _check_pixels(path, cols, rows, frames, samples)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # missing handler, corrupt stream ...
         tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(tsyntax, "name", tsyntax) or "unknown transfer syntax"
         raise DataError(path, f"cannot decode DICOM pixel data ({name}): {exc}") from None
-    if frames > 1 and arr.ndim >= 3 and arr.shape[0] == frames:
-        arr = arr[0]
+    if arr.ndim == (3 if samples == 1 else 4):  # several frames (declared, or excess data
+        arr = arr[0]  # that pydicom returns as extra frames): the first one
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3:  # colour: pydicom already converted YBR to RGB
         return np.clip(np.rint(_to_gray(arr)), 0, 255).astype(np.uint8)
@@ -244,9 +265,10 @@ def dicom_meta(path: str | Path) -> dict[str, str | None]:
     """
     ds = _dcmread(Path(path), stop_before_pixels=True)
     out = {}
-    for key in ("SOPInstanceUID", "PatientID", "ViewPosition"):
-        value = str(ds.get(key, "") or "").strip()
-        out[key] = value or None
+    with _dicom_errors(Path(path)):
+        for key in ("SOPInstanceUID", "PatientID", "ViewPosition"):
+            value = str(ds.get(key, "") or "").strip()
+            out[key] = value or None
     return out
 
 
@@ -262,12 +284,13 @@ def probe_image(path: str | Path) -> ImageInfo:
     path = Path(path)
     if is_dicom(path):
         ds = _dcmread(path, defer_size="64 KB")
-        if not _has_pixels(ds):
-            raise DataError(path, "DICOM file has no pixel data")
-        w, h = int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
-        ch = int(ds.get("SamplesPerPixel", 1) or 1)
-        _check_pixels(path, w, h, int(ds.get("NumberOfFrames", 1) or 1), ch)
-        return ImageInfo(w, h, int(ds.get("BitsStored", 8) or 8), ch, "DICOM")
+        with _dicom_errors(path):
+            if not _has_pixels(ds):
+                raise DataError(path, "DICOM file has no pixel data")
+            w, h = int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
+            ch = int(ds.get("SamplesPerPixel", 1) or 1)
+            _check_pixels(path, w, h, int(ds.get("NumberOfFrames", 1) or 1), ch)
+            return ImageInfo(w, h, int(ds.get("BitsStored", 8) or 8), ch, "DICOM")
     im = _open_pil(path)
     try:
         w, h = im.size

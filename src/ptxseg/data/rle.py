@@ -80,6 +80,12 @@ def decode(rle: str, height: int, width: int, *, source: str | None = None) -> n
     gaps, lengths = nums[0::2], nums[1::2]
     if (gaps < 0).any() or (lengths < 0).any():
         raise DataError(source, "run-length row has negative starts or lengths")
+    if (nums > total).any():  # before summing: huge values would overflow int64 and wrap
+        raise DataError(
+            source,
+            f"run-length row runs past the image: a value of {int(nums.max())} "
+            f"but a {width}x{height} image has {total} pixels",
+        )
     ends = np.cumsum(gaps + lengths)
     starts = ends - lengths
     if ends.size and ends[-1] > total:

@@ -22,6 +22,13 @@ Layouts (``layout=`` / ``--layout``):
     output files) and ``patient_id``. ``root`` may be the CSV itself or a folder holding
     exactly one such CSV.
 
+    Paths outside the manifest's folder are allowed: a relative cell is joined to the CSV's
+    folder as written (``..`` included) and an absolute cell is used as is, so a manifest can
+    list images kept anywhere the user can read (a manifest is trusted like a path typed on the
+    command line; files are only ever read, never written or executed). Cells are file names,
+    nothing else: ``~``, ``$VAR``, ``%VAR%``, globs and shell syntax are literal characters,
+    never expanded, and no shell is run (docs/reliability.md).
+
 ``auto`` checks in that order: ``png_images/`` -> png; ``Site*/*.1.img.png`` -> ptx498;
 ``*.dcm`` anywhere -> siim; a manifest CSV -> csv. A folder holding several (like the SIIM
 sample, which has png_images/ next to dicom/ and rle/) is read as the first match; pass the
@@ -142,7 +149,7 @@ def _label_of(mask: Path) -> bool:
 
 def _with_labels(records: list[Record], problems: list[Problem]) -> list[Record]:
     """Fill ``has_pneumothorax`` from the mask files (read in a few threads)."""
-    todo = [r for r in records if isinstance(r.mask, Path) and r.mask.is_file()]
+    todo = [r for r in records if isinstance(r.mask, Path) and _is_file(r.mask)]
 
     def label(rec: Record):
         try:
@@ -176,6 +183,15 @@ def _check_duplicates(records: list[Record], problems: list[Problem]) -> None:
             )
         else:
             seen[rec.id] = rec
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the OS refuses (too long...) instead of OSError:
+    manifest cells are data, not trusted paths."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _files(folder: Path, suffixes: Iterable[str]) -> list[Path]:
@@ -357,9 +373,9 @@ def _scan_csv(root: Path, problems: list[Problem]) -> list[Record]:
             raise DataError(path, f"line {i}: empty image cell")
         img = base / row["image"]
         mask = base / row["mask"] if row["mask"] else None
-        if not img.is_file():
+        if not _is_file(img):
             problems.append(Problem(str(img), f"image not found (line {i} of {path})", "missing"))
-        if mask is not None and not mask.is_file():
+        if mask is not None and not _is_file(mask):
             problems.append(Problem(str(mask), f"mask not found (line {i} of {path})", "missing"))
         ident = row.get("id") or img.stem
         if "/" in ident or "\\" in ident or ident in (".", ".."):
