@@ -121,3 +121,13 @@ def test_manifest_csv_input_gives_its_images(tmp_path):
     other.write_text("x,y\n1,2\n")
     with pytest.raises(DataError, match="a CSV input must be a manifest with columns image,mask"):
         collect_inputs([other])
+
+
+def test_safe_id_caps_long_names_and_keeps_them_distinct(tmp_path):
+    a, b = "é" * 150 + "a", "é" * 150 + "b"  # 301 bytes each, differing at the end
+    ida, idb = safe_id(a), safe_id(b)
+    assert ida != idb
+    assert len(ida.encode()) <= 200 and len(idb.encode()) <= 200
+    assert ida.startswith("é" * 90)
+    (tmp_path / f"{ida}.png").write_bytes(b"x")  # a valid file name, with room for temp names
+    assert safe_id("short") == "short"

@@ -30,6 +30,7 @@ from ptxseg.errors import DataError, PtxsegError, RunDirError
 from ptxseg.fileio import write_json, write_text
 from ptxseg.metrics import ImageStats, image_stats, summarize
 from ptxseg.postprocess import PostParams, area_scale, binarize, load_params, with_model_size
+from ptxseg.progress import progress_bar
 
 AT = ("native", "model")
 SPLITS = ("all", "val", "train")
@@ -144,29 +145,6 @@ class Prediction:
     image: np.ndarray | None = None  # the native radiograph, with ``keep_image``
 
 
-def _progress(description: str | None, total: int):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=description is None,
-        transient=True,
-    )
-
-
 def iter_predictions(
     model: torch.nn.Module,
     records: Sequence[Record],
@@ -192,7 +170,7 @@ def iter_predictions(
     if at not in AT:
         raise PtxsegError(f"--at: unknown '{at}' (valid: {', '.join(AT)})")
     entries = [(r.id, r.image) for r in records]
-    with _progress(progress, len(records)) as bar:
+    with progress_bar(enabled=progress is not None, transient=True) as bar:
         task = bar.add_task(progress or "", total=len(records))
         for item, probs in predict_probs(
             model,

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import os
 import re
 import time
@@ -59,6 +60,7 @@ import numpy as np
 
 from ptxseg.errors import DataError, PtxsegError
 from ptxseg.postprocess import PostParams, area_scale, binarize, load_params, with_model_size
+from ptxseg.progress import progress_bar
 
 BACKENDS = ("torch", "onnx")
 RESULTS_COLUMNS = (
@@ -99,11 +101,19 @@ class Inputs:
     notes: list[str] = field(default_factory=list)  # what was skipped or how folders were read
 
 
+MAX_ID_BYTES = 200  # ids name files (<id>.png, temp names): stay below the 255-byte limit
+
+
 def safe_id(name: str) -> str:
-    """A file-name-safe id: path separators, ``:*?"<>|`` and control characters -> ``_``."""
+    """A file-name-safe id: path separators, ``:*?"<>|`` and control characters -> ``_``;
+    ids longer than ``MAX_ID_BYTES`` are cut and end with a hash of the whole name."""
     out = _UNSAFE.sub("_", name).strip()
     if not out or out.startswith("."):
         out = "_" + out
+    if len(out.encode()) > MAX_ID_BYTES:
+        digest = hashlib.sha1(out.encode()).hexdigest()[:10]
+        head = out.encode()[: MAX_ID_BYTES - 12].decode(errors="ignore")
+        out = f"{head}~{digest}"
     return out
 
 
@@ -485,31 +495,6 @@ class PredictSummary:
         return self.n_images / self.loop_seconds if self.loop_seconds > 0 else 0.0
 
 
-def _progress(enabled: bool, console):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def run_prediction(
     backend: Backend,
     inputs: Inputs,
@@ -559,7 +544,7 @@ def run_prediction(
         pool = stack.enter_context(
             ThreadPoolExecutor(max_workers=writers, thread_name_prefix="ptxseg-write")
         )
-        bar = stack.enter_context(_progress(progress, console))
+        bar = stack.enter_context(progress_bar(enabled=progress, console=console, rate=True))
         results = csv.writer(res_fh, lineterminator="\n")
         results.writerow(RESULTS_COLUMNS)
         kaggle = csv.writer(kag_fh, lineterminator="\n") if kag_fh is not None else None
