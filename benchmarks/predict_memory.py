@@ -37,40 +37,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
-
-
-def make_run(run: Path, size: int) -> None:
-    """config.yaml + best.ckpt (random, decisive head) + thresholds.json."""
-    import torch
-
-    from ptxseg.config import load_config, save_config
-    from ptxseg.model import build_model, save_model_checkpoint
-    from ptxseg.postprocess import PostParams, save_params
-
-    cfg = load_config(
-        "paper",
-        [
-            "model.encoder=efficientnet-b0",
-            "model.encoder_weights=null",
-            f"data.size={size}",
-            "train.accelerator=cpu",
-        ],
-    )
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
-    torch.manual_seed(0)
-    model = build_model(cfg.model, pretrained=False).eval()
-    head = model.net.segmentation_head[0]
-    with torch.no_grad():
-        head.weight.mul_(150.0)
-        head.bias.mul_(150.0).sub_(13.0)
-    save_model_checkpoint(model, run / "best.ckpt")
-    params = PostParams(binary_threshold=0.5, removal_area=20, size=size)
-    save_params(params, run / "thresholds.json")
+from _runs import emit, make_random_run  # noqa: E402
 
 
 def _tree(pid: int) -> list[int]:
@@ -164,7 +133,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ptxseg-predmem-") as tmp:
         tmp = Path(tmp)
-        make_run(tmp / "run", args.model_size)
+        make_random_run(
+            tmp / "run", size=args.model_size, removal_area=20, extra=("train.accelerator=cpu",)
+        )
         generate(tmp / "data", n=max(counts), size=args.image_size, seed=0)
         images = sorted((tmp / "data" / "png_images").glob("*.png"))
         for n in counts:

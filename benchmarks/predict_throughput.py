@@ -27,7 +27,6 @@ predict...), so that load from other processes on a shared machine distorts the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -45,10 +44,9 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLE = REPO.parent / "shared" / "data" / "siim-sample" / "png_images"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
+from _runs import emit, make_random_run  # noqa: E402
 
 
 def replicate(sample: Path, n: int, dest: Path) -> list[Path]:
@@ -68,30 +66,6 @@ def replicate(sample: Path, n: int, dest: Path) -> list[Path]:
         out.append(path)
     return out
 
-
-def make_run(run: Path, encoder: str, size: int):
-    """A run folder with a random network (head scaled for structured masks), no thresholds
-    tuning needed: thresholds.json = probs > 0.5, no removal."""
-    from ptxseg.config import load_config, save_config
-    from ptxseg.model import build_model, save_model_checkpoint
-    from ptxseg.postprocess import PostParams, save_params
-
-    cfg = load_config(
-        "paper",
-        [f"model.encoder={encoder}", "model.encoder_weights=null", f"data.size={size}"],
-    )
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
-    torch.manual_seed(0)
-    model = build_model(cfg.model, pretrained=False).eval()
-    head = model.net.segmentation_head[0]
-    with torch.no_grad():
-        head.weight.mul_(150.0)
-        head.bias.mul_(150.0).sub_(13.0)
-    save_model_checkpoint(model, run / "best.ckpt")
-    params = PostParams(binary_threshold=0.5, removal_area=0, size=size)
-    save_params(params, run / "thresholds.json")
-    return model
 
 
 def input_batch(files: list[Path], size: int, batch: int) -> np.ndarray:
@@ -178,7 +152,7 @@ def main() -> None:
         files = replicate(args.sample, args.n, work / "images")
         for encoder in args.encoders.split(","):
             run = work / f"run-{encoder}-{args.size}"
-            model = make_run(run, encoder, args.size)
+            model = make_random_run(run, size=args.size, encoder=encoder)
             x = input_batch(files, args.size, batch)
             common = {"encoder": encoder, "size": args.size, "batch": batch,
                       "images": args.n, "device": machine["device"]}
