@@ -91,3 +91,15 @@ def test_prepare_writes_a_resized_png_layout_copy(tmp_path):
     assert not (out / "manifest.csv").exists()  # no patient ids in a png-layout source
     with pytest.raises(DataError, match="not empty"):
         prepare(tmp_path / "big", out, size=64, progress=False)
+
+
+def test_prepare_refuses_images_without_ground_truth_and_writes_nothing(tmp_path):
+    img = np.full((40, 40), 100, np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), img)
+    cv2.imwrite(str(tmp_path / "b.png"), img)
+    cv2.imwrite(str(tmp_path / "a_mask.png"), np.zeros((40, 40), np.uint8))
+    (tmp_path / "manifest.csv").write_text("image,mask\na.png,a_mask.png\nb.png,\n")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"1 record\(s\) have no ground-truth mask \(e.g. 'b'\)"):
+        prepare(tmp_path / "manifest.csv", out, size=32, layout="csv", progress=False)
+    assert not out.exists()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from ptxseg.data.records import Record
+from ptxseg.data.records import Record, require_ground_truth
 from ptxseg.errors import DataError, PtxsegError
 from ptxseg.inference import resize_to
 
@@ -66,13 +66,7 @@ class SegDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[Record], size: int, transform=None):
-        missing = [r.id for r in records if r.mask is None]
-        if missing:
-            raise DataError(
-                None,
-                f"{len(missing)} record(s) have no ground-truth mask (e.g. '{missing[0]}'); "
-                "training needs a mask for every image",
-            )
+        require_ground_truth(records, None, "training needs a mask for every image")
         self.records = list(records)
         self.size = size
         self.transform = transform

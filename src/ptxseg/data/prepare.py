@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ptxseg.data.dataset import resize_mask
-from ptxseg.data.records import Record
+from ptxseg.data.records import Record, require_ground_truth
 from ptxseg.errors import DataError
 from ptxseg.fileio import write_png, write_text
 from ptxseg.inference import resize_to
@@ -88,13 +88,7 @@ def prepare(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(out, "output folder exists and is not empty (refusing to mix datasets)")
     records, _layout = load_records(data, layout)
-    no_truth = [r.id for r in records if r.mask is None]
-    if no_truth:
-        raise DataError(
-            data,
-            f"{len(no_truth)} image(s) have no ground truth (e.g. '{no_truth[0]}'); prepare "
-            "writes training pairs",
-        )
+    require_ground_truth(records, data, "prepare writes training pairs")
     names = [safe_name(r.id) for r in records]
     seen: dict[str, str] = {}
     for rec, name in zip(records, names, strict=True):

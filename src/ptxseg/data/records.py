@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from ptxseg.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -31,3 +34,13 @@ class Record:
     mask: Path | RleMask | None = None
     has_pneumothorax: bool | None = None
     patient_id: str | None = None
+
+
+def require_ground_truth(records: Sequence[Record], source: str | Path | None, why: str) -> None:
+    """Raise a :class:`DataError` naming how many records lack a mask (and one of them)."""
+    missing = [r.id for r in records if r.mask is None]
+    if missing:
+        raise DataError(
+            source,
+            f"{len(missing)} record(s) have no ground-truth mask (e.g. '{missing[0]}'); {why}",
+        )
