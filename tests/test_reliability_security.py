@@ -325,3 +325,26 @@ def test_the_security_scan_finds_each_pattern(tmp_path):
         "    yaml.safe_load(s)\n"
     )
     assert [int(o.split(":")[1]) for o in security_offenders(tmp_path)] == list(range(4, 14))
+
+
+def test_inspect_and_predict_print_hostile_file_names_escaped(tmp_path, capsys):
+    """A file name with a newline and a terminal escape is printed as ``\\n`` / ``\\x1b``."""
+    from ptxseg.cli import main
+
+    root = tmp_path / "data"
+    (root / "png_images").mkdir(parents=True)
+    (root / "png_masks").mkdir()
+    hostile = "evil\n\x1b[2Jname.png"
+    (root / "png_images" / hostile).write_bytes(b"not a png")
+    assert main(["inspect", str(root)]) == 2
+    out = capsys.readouterr().out
+    assert "\x1b[2J" not in out and "\\x1b[2J" in out.replace("\n", "")
+
+    from tests.conftest import make_run
+
+    make_run(tmp_path / "run")
+    assert main(["predict", str(tmp_path / "run"), str(root / "png_images"),
+                 "--out", str(tmp_path / "pred"), "--workers", "0"]) == 2
+    captured = capsys.readouterr()
+    both = captured.out + captured.err
+    assert "\x1b[2J" not in both and "evil\\n\\x1b[2Jname.png" in both.replace("\n", "")

@@ -5,7 +5,6 @@ and exit code 2, never a traceback."""
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -15,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from ptxseg.errors import PtxsegError
+from ptxseg.errors import PtxsegError, one_line
 
 app = typer.Typer(
     name="ptxseg",
@@ -34,16 +33,6 @@ def fail(message: str) -> None:
     """Print one red error line and exit with code 2."""
     print_error(message)
     raise typer.Exit(2)
-
-
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-
-
-def one_line(text: str) -> str:
-    """``text`` with control characters (newlines, terminal escapes...) written as escapes
-    (``\\n``, ``\\x1b``): file names and CSV cells quoted in a message can neither break
-    it over several lines nor send commands to the terminal."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def print_error(message: str) -> None:
@@ -126,7 +115,7 @@ def _print_inspect(report) -> None:
         table.add_column("kind")
         table.add_column("problem", overflow="fold")
         for p in report.problems:
-            table.add_row(Text(p.path), p.kind, Text(p.problem))
+            table.add_row(Text(one_line(p.path)), p.kind, Text(one_line(p.problem)))
         console.print(table)
     else:
         console.print("[green]no problems found[/]")

@@ -7,7 +7,17 @@ Messages name the file (or key) first and then the problem, e.g.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters (newlines, terminal escapes...) written as escapes
+    (``\\n``, ``\\x1b``): file names and CSV cells quoted in a message can neither break
+    it over several lines nor send commands to the terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class PtxsegError(Exception):

@@ -58,7 +58,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ptxseg.errors import DataError, PtxsegError
+from ptxseg.errors import DataError, PtxsegError, one_line
 from ptxseg.postprocess import PostParams, area_scale, binarize, load_params, with_model_size
 from ptxseg.progress import progress_bar
 
@@ -589,7 +589,7 @@ def run_prediction(
                 reason = _error_reason(item)
                 errors.append((item.path, reason))
                 bar.console.print(
-                    f"[yellow]warning:[/] {escape(item.path)}: {escape(reason)}",
+                    f"[yellow]warning:[/] {escape(one_line(f'{item.path}: {reason}'))}",
                     highlight=False,
                     soft_wrap=True,
                 )
@@ -673,7 +673,7 @@ def predict(
     if source != "default":  # a file without "size": its areas are at model resolution
         params = with_model_size(params, model.size)
     for note in collected.notes:
-        console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"note: {one_line(note)}", highlight=False, markup=False, soft_wrap=True)
     if source == "default":
         console.print(
             f"[yellow]warning:[/] {escape(str(run / 'thresholds.json'))} not found (run "
