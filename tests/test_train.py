@@ -14,7 +14,7 @@ import torch
 
 from ptxseg.config import load_config, load_run_config
 from ptxseg.data.split import read_split
-from ptxseg.errors import CheckpointError, RunDirError
+from ptxseg.errors import CheckpointError, DataError, RunDirError
 from ptxseg.model import load_run_model
 from ptxseg.plots import METRICS_COLUMNS, read_metrics
 from ptxseg.train import (
@@ -299,3 +299,23 @@ def test_atomic_checkpoint_io_keeps_the_old_file_on_failure(tmp_path):
         io.save_checkpoint({"state_dict": {"model.w": torch.zeros(3)}, "bad": lambda: 0}, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(synth_data, tmp_path):
+    """Weights that cannot be loaded: refused before anything is written. A data error in the
+    first epoch: the new run folder is removed again, so the same command can be re-run."""
+    from ptxseg.errors import ConfigError
+
+    out = tmp_path / "run"
+    bad_weights = tiny_config(**{"model.encoder_weights": str(tmp_path / "missing.pth")})
+    with pytest.raises(ConfigError, match="missing.pth: file not found"):
+        fit(bad_weights, synth_data, out, progress=False)
+    assert not out.exists()
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    victim = sorted((data / "png_images").glob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated PNG, read in the first epoch
+    with pytest.raises(DataError, match=victim.name):
+        fit(tiny_config(), data, out, progress=False)
+    assert not out.exists()

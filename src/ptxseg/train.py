@@ -34,6 +34,7 @@ import io
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -611,12 +612,6 @@ def fit(
         split_path = None
         assignment = make_split(records, cfg.data.val_fraction, cfg.train.seed)
     train_recs, val_recs = _partition(records, assignment, split_path, cfg.data.val_fraction)
-    if rank == 0 and not resume:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        write_split(out / "split.csv", records, assignment)
-        # the dataset, so `ptxseg tune RUN` finds the validation images without --data
-        write_json(out / "data.json", {"root": str(data.resolve()), "layout": layout})
     module_warns = True
     if all(r.has_pneumothorax is not None for r in val_recs) and not any(
         r.has_pneumothorax for r in val_recs
@@ -630,15 +625,31 @@ def fit(
         )
     L.seed_everything(cfg.train.seed, workers=False, verbose=False)
     accelerator = resolve_accelerator(cfg.train.accelerator)
+    with quiet_lightning():
+        # before any file is written: a model that cannot be built (unknown encoder, weights
+        # that cannot be loaded offline) leaves no half-made run folder behind
+        module = build_module(cfg, pretrained=not resume)
+    module.warn_no_positive = module_warns
+    # a new run that fails before its first checkpoint is removed again (nothing half-made)
+    fresh = rank == 0 and not resume and not out.exists()
+    if rank == 0 and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        write_split(out / "split.csv", records, assignment)
+        # the dataset, so `ptxseg tune RUN` finds the validation images without --data
+        write_json(out / "data.json", {"root": str(data.resolve()), "layout": layout})
     if progress and rank == 0:
         _announce(cfg, accelerator, layout, len(train_recs), len(val_recs), out, last)
-    with quiet_lightning():
-        module = build_module(cfg, pretrained=not resume)
-        module.warn_no_positive = module_warns
-        train_loader = make_loader(cfg, train_recs, train=True, accelerator=accelerator)
-        val_loader = make_loader(cfg, val_recs, train=False, accelerator=accelerator)
-        trainer = build_trainer(cfg, out, progress=progress)
-        trainer.fit(module, train_loader, val_loader, ckpt_path=last)
+    try:
+        with quiet_lightning():
+            train_loader = make_loader(cfg, train_recs, train=True, accelerator=accelerator)
+            val_loader = make_loader(cfg, val_recs, train=False, accelerator=accelerator)
+            trainer = build_trainer(cfg, out, progress=progress)
+            trainer.fit(module, train_loader, val_loader, ckpt_path=last)
+    except BaseException:
+        if fresh and not (out / "last.ckpt").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
 
 
