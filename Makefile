@@ -25,10 +25,14 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
+# Throughput and memory benchmarks at their default (GPU-sized) settings; docs/benchmarks.md
+# gives the smaller settings used on a CPU. SAMPLE: real 1024x1024 SIIM PNG pairs.
+SAMPLE ?= ../shared/data/siim-sample
 bench: $(STAMP)
-	$(BIN)/python benchmarks/train_throughput.py
-	$(BIN)/python benchmarks/predict_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py --data $(SAMPLE)
+	$(BIN)/python benchmarks/predict_throughput.py --sample $(SAMPLE)/png_images
 	$(BIN)/python benchmarks/tune_speed.py
+	$(BIN)/python benchmarks/predict_memory.py
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache
