@@ -23,6 +23,7 @@ from ptxseg.train import (
     RunFiles,
     SegModule,
     TrainingError,
+    build_trainer,
     fit,
     freeze_unused_parameters,
     resolve_precision,
@@ -319,3 +320,13 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(synth_dat
     with pytest.raises(DataError, match=victim.name):
         fit(tiny_config(), data, out, progress=False)
     assert not out.exists()
+
+
+def test_deterministic_switch_reaches_torch_and_is_reset(tmp_path):
+    try:
+        build_trainer(tiny_config(**{"train.deterministic": True}), tmp_path, progress=False)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG")  # set for deterministic cuBLAS
+    finally:
+        build_trainer(tiny_config(), tmp_path, progress=False)
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -75,6 +75,11 @@ class TrainConfig(_Section):
     channels_last: Literal["auto", True, False] = "auto"
     num_nodes: int = Field(1, ge=1, description="machines for multi-node DDP (torchrun/SLURM)")
     log_every: int = Field(20, ge=1, description="steps between progress-bar loss updates")
+    deterministic: Literal[False, True, "warn"] = Field(
+        False,
+        description="torch.use_deterministic_algorithms (and no cuDNN autotuning): true fails "
+        "on ops without a deterministic CUDA kernel, 'warn' only warns (docs/reliability.md)",
+    )
 
     @field_validator("precision", mode="before")
     @classmethod

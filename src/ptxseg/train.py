@@ -69,6 +69,7 @@ RESUMABLE_KEYS = frozenset(
         "train.compile",
         "train.channels_last",
         "train.log_every",
+        "train.deterministic",
     }
 )
 
@@ -491,7 +492,8 @@ def hardware_kwargs(cfg: Config) -> dict[str, Any]:
         "num_nodes": nodes,
         "strategy": "ddp" if devices * nodes > 1 else "auto",
         "precision": resolve_precision(cfg.train.precision, accelerator),
-        "benchmark": accelerator == "cuda",
+        "benchmark": accelerator == "cuda" and cfg.train.deterministic is False,
+        "deterministic": cfg.train.deterministic,
     }
 
 
