@@ -330,3 +330,17 @@ def test_deterministic_switch_reaches_torch_and_is_reset(tmp_path):
     finally:
         build_trainer(tiny_config(), tmp_path, progress=False)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_read_metrics_names_the_line_of_a_short_or_bad_row(tmp_path):
+    path = tmp_path / "metrics.csv"
+    header = ",".join(METRICS_COLUMNS)
+    path.write_text(f"{header}\n1,0.5,0.4,0.3,0.4,1e-4,2.0\n2,0.5\n")
+    with pytest.raises(DataError, match=r"line 3: missing cell"):
+        read_metrics(path)
+    path.write_text(f"{header}\n1,0.5,0.4,abc,0.4,1e-4,2.0\n")
+    with pytest.raises(DataError, match=r"line 2: not a number"):
+        read_metrics(path)
+    path.write_bytes(b"\xff\xfe bad")
+    with pytest.raises(DataError, match="cannot read metrics file"):
+        read_metrics(path)

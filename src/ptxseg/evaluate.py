@@ -13,8 +13,6 @@ Outputs in ``out``: ``metrics.json`` (deterministic: same inputs, same bytes), `
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ import torch
 from ptxseg.config import Config
 from ptxseg.data.records import Record
 from ptxseg.errors import DataError, PtxsegError, RunDirError
-from ptxseg.fileio import write_json, write_text
+from ptxseg.fileio import csv_text, write_json, write_text
 from ptxseg.metrics import ImageStats, image_stats, summarize
 from ptxseg.postprocess import PostParams, area_scale, binarize, load_params, with_model_size
 from ptxseg.progress import progress_bar
@@ -221,11 +219,9 @@ PER_IMAGE_COLUMNS = (
 
 def per_image_csv(stats: Sequence[ImageStats]) -> str:
     """``per_image.csv``: one row per image (Dice/IoU of empty on empty = 1)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(PER_IMAGE_COLUMNS)
-    for s in stats:
-        w.writerow(
+    return csv_text(
+        PER_IMAGE_COLUMNS,
+        (
             [
                 s.id,
                 int(s.has_pneumothorax),
@@ -239,8 +235,9 @@ def per_image_csv(stats: Sequence[ImageStats]) -> str:
                 s.fp,
                 s.fn,
             ]
-        )
-    return buf.getvalue()
+            for s in stats
+        ),
+    )
 
 
 def select_cases(stats: Sequence[ImageStats], n: int = 8, seed: int = 0) -> dict[str, list[int]]:

@@ -7,10 +7,12 @@ fsync, ``os.replace``).
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,6 +48,20 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
         raise
 
 
+def read_text(path: str | Path, what: str, *, missing: str = "file not found",
+              encoding: str = "utf-8") -> str:
+    """Read a text file the user named; a missing or unreadable file is a one-line
+    :class:`~ptxseg.errors.DataError` (``missing`` / ``cannot read {what} (...)``)."""
+    from ptxseg.errors import DataError
+
+    try:
+        return Path(path).read_text(encoding=encoding)
+    except FileNotFoundError:
+        raise DataError(path, missing) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"cannot read {what} ({exc})") from None
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_open(path, "wb") as fh:
         fh.write(data)
@@ -54,6 +70,20 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
         fh.write(text)
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A CSV document (``\\n`` line ends) from a header and rows."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV file atomically (see :func:`csv_text`)."""
+    write_text(path, csv_text(header, rows))
 
 
 def write_json(path: str | Path, obj: Any) -> None:

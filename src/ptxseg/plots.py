@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
+from collections.abc import Sequence
 from pathlib import Path
 
 from ptxseg.errors import DataError
-from ptxseg.fileio import save_figure
+from ptxseg.fileio import read_text, save_figure
 
 METRICS_COLUMNS = ("epoch", "train_loss", "val_loss", "val_iou", "val_dice", "lr", "time_s")
 
@@ -15,21 +17,20 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
     """Rows of a ``metrics.csv`` as floats (``epoch`` as int).
 
     Raises:
-        DataError: missing file or a column missing.
+        DataError: missing or unreadable file, a column missing, or a cell not a number.
     """
     path = Path(path)
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            header = reader.fieldnames or []
-            rows = list(reader)
-    except FileNotFoundError:
-        raise DataError(path, "metrics file not found") from None
+    text = read_text(path, "metrics file", missing="metrics file not found")
+    reader = csv.DictReader(io.StringIO(text))
+    header = reader.fieldnames or []
+    rows = list(reader)
     missing = [c for c in METRICS_COLUMNS if c not in header]
     if missing:
         raise DataError(path, f"missing column(s) {', '.join(missing)}")
     out = []
     for i, row in enumerate(rows, start=2):
+        if any(row[k] is None for k in METRICS_COLUMNS):  # DictReader's fill for a short row
+            raise DataError(path, f"line {i}: missing cell(s)")
         try:
             rec = {k: float(row[k]) for k in METRICS_COLUMNS}
         except ValueError as exc:
@@ -40,14 +41,18 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
 
 
 def plot_curves(metrics_csv: str | Path, out_png: str | Path) -> None:
+    """Write ``out_png`` from a ``metrics.csv`` (see :func:`plot_rows`)."""
+    plot_rows(read_metrics(metrics_csv), out_png)
+
+
+def plot_rows(rows: Sequence[dict[str, float]], out_png: str | Path) -> None:
     """Write ``out_png``: loss (train, val) and validation IoU/Dice per epoch, with the best
-    IoU epoch marked. Written atomically."""
+    IoU epoch marked, from rows as :func:`read_metrics` returns them. Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_csv)
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     try:

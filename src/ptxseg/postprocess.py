@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from ptxseg.errors import DataError
-from ptxseg.fileio import write_text
+from ptxseg.fileio import read_text, write_text
 
 MODES = ("pixel", "triplet")
 CONNECTIVITY = 8
@@ -204,12 +204,9 @@ def params_from_dict(obj: Any, source: str = "thresholds") -> PostParams:
 def load_params(path: str | Path) -> PostParams:
     """Read a ``thresholds.json`` written by ``ptxseg tune`` (or by hand)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(path, "thresholds file not found (run `ptxseg tune RUN` first)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(path, f"cannot read thresholds file ({exc})") from None
+    text = read_text(
+        path, "thresholds file", missing="thresholds file not found (run `ptxseg tune RUN` first)"
+    )
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -29,8 +29,6 @@ Parameters the network never uses (smp's EfficientNet ``_conv_head``) are frozen
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import logging
 import math
 import os
@@ -51,11 +49,11 @@ from torch.utils.data import DataLoader
 from ptxseg.config import Config, load_run_config, save_config
 from ptxseg.data.records import Record
 from ptxseg.errors import ConfigError, DataError, PtxsegError, RunDirError
-from ptxseg.fileio import atomic_open, write_json, write_text
+from ptxseg.fileio import atomic_open, csv_text, write_json, write_text
 from ptxseg.losses import BceDiceLoss
 from ptxseg.metrics import dice_scores, iou_scores
 from ptxseg.model import build_model
-from ptxseg.plots import METRICS_COLUMNS, plot_curves, read_metrics
+from ptxseg.plots import METRICS_COLUMNS, plot_rows, read_metrics
 
 #: config keys that may change when a run is resumed (they do not change the recipe)
 RESUMABLE_KEYS = frozenset(
@@ -289,16 +287,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def format_metrics(rows: Sequence[dict[str, float]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(METRICS_COLUMNS)
-    for r in rows:
-        writer.writerow(
+    return csv_text(
+        METRICS_COLUMNS,
+        (
             [int(r["epoch"])]
             + [f"{r[k]:.8g}" for k in ("train_loss", "val_loss", "val_iou", "val_dice")]
             + [f"{r['lr']:.6e}", f"{r['time_s']:.2f}"]
-        )
-    return buf.getvalue()
+            for r in rows
+        ),
+    )
 
 
 class RunFiles(Callback):
@@ -313,7 +310,7 @@ class RunFiles(Callback):
     def _write(self, trainer: L.Trainer) -> None:
         if trainer.is_global_zero and self.rows:
             write_text(self.out / "metrics.csv", format_metrics(self.rows))
-            plot_curves(self.out / "metrics.csv", self.out / "curves.png")
+            plot_rows(self.rows, self.out / "curves.png")  # the rows in hand: no re-read
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._write(trainer)  # resumed: drop rows newer than the checkpoint
@@ -353,7 +350,6 @@ def make_loader(
     *,
     train: bool,
     accelerator: str,
-    workers: int | None = None,
 ) -> DataLoader:
     """A DataLoader of :class:`~ptxseg.data.dataset.SegDataset` (augmented when ``train``).
 
@@ -365,7 +361,7 @@ def make_loader(
 
     transform = build_train_transform(cfg.augment, cfg.train.seed) if train else None
     dataset = SegDataset(records, cfg.data.size, transform)
-    workers = resolve_workers(cfg, accelerator) if workers is None else workers
+    workers = resolve_workers(cfg, accelerator)
     bs = cfg.train.batch_size
     return DataLoader(
         dataset,

@@ -17,8 +17,6 @@ interrupted run leaves no half dataset.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
 import shutil
@@ -31,23 +29,22 @@ import numpy as np
 from ptxseg.data.dataset import resize_mask
 from ptxseg.data.records import Record, require_ground_truth
 from ptxseg.errors import DataError
-from ptxseg.fileio import write_png, write_text
+from ptxseg.fileio import write_csv, write_png
 from ptxseg.inference import resize_to
+from ptxseg.progress import progress_bar
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def safe_name(ident: str) -> str:
     """A record id as a file stem (``/``, spaces and other specials -> ``_``)."""
-    name = _UNSAFE.sub("_", ident).strip("._") or "image"
-    return name
+    return _UNSAFE.sub("_", ident).strip("._") or "image"
 
 
 def _prepare_one(rec: Record, name: str, tmp: Path, size: int) -> None:
-    from ptxseg.data.imageio import read_image, read_mask
+    from ptxseg.data.imageio import load_pair
 
-    image = read_image(rec.image)
-    mask = read_mask(rec.mask, image.shape[:2])
+    image, mask = load_pair(rec)  # mask: require_ground_truth ran before
     write_png(tmp / "png_images" / f"{name}.png", resize_to(image, size))
     write_png(tmp / "png_masks" / f"{name}.png", resize_mask(mask, size) * np.uint8(255))
 
@@ -132,21 +129,19 @@ def prepare(
 
 
 def _drain(jobs, total: int, progress: bool, on_progress) -> None:
-    if progress:
-        from rich.progress import track
-
-        jobs = track(jobs, total=total, description=f"prepare {total} images")
-    for i, _ in enumerate(jobs, start=1):
-        if on_progress is not None:
-            on_progress(i, total)
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task(f"prepare {total} images", total=total)
+        for i, _ in enumerate(jobs, start=1):
+            bar.advance(task)
+            if on_progress is not None:
+                on_progress(i, total)
 
 
 def _write_manifest(path: Path, records: list[Record], names: list[str]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["id", "image", "mask", "patient_id"])
-    for rec, name in sorted(zip(records, names, strict=True), key=lambda rn: rn[1]):
-        writer.writerow(
-            [name, f"png_images/{name}.png", f"png_masks/{name}.png", rec.patient_id or ""]
-        )
-    write_text(path, buf.getvalue())
+    pairs = sorted(zip(records, names, strict=True), key=lambda rn: rn[1])
+    write_csv(
+        path,
+        ["id", "image", "mask", "patient_id"],
+        ([name, f"png_images/{name}.png", f"png_masks/{name}.png", rec.patient_id or ""]
+         for rec, name in pairs),
+    )

@@ -55,12 +55,14 @@ from ptxseg.data.imageio import IMAGE_SUFFIXES, dicom_meta, read_mask_raw
 from ptxseg.data.records import Record, RleMask
 from ptxseg.data.rle import is_empty
 from ptxseg.errors import DataError
+from ptxseg.fileio import read_text
 
 LAYOUTS = ("png", "siim", "ptx498", "csv")
 RASTER_SUFFIXES = IMAGE_SUFFIXES - {".dcm", ".dicom"}
 RLE_COLUMNS = (("imageid", "encodedpixels"), ("fname", "mask"))
 PREFERRED_RLE = ("stage_2_train.csv", "train-rle.csv")
 _PTX_IMG = re.compile(r"^(\d+)\.1\.img\.png$", re.IGNORECASE)
+_PTX_MASK = re.compile(r"^(\d+)\.2\.mask\.png$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,7 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
     Column names are stripped and lower-cased; cell values are stripped.
     """
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(path, "file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(path, f"cannot read CSV ({exc})") from None
+    text = read_text(path, "CSV", encoding="utf-8-sig")
     try:
         reader = csv.reader(io.StringIO(text))
         rows = [r for r in reader if any(c.strip() for c in r)]
@@ -149,25 +146,20 @@ def _label_of(mask: Path) -> bool:
 
 def _with_labels(records: list[Record], problems: list[Problem]) -> list[Record]:
     """Fill ``has_pneumothorax`` from the mask files (read in a few threads)."""
-    todo = [r for r in records if isinstance(r.mask, Path) and _is_file(r.mask)]
 
-    def label(rec: Record):
+    def label(rec: Record) -> tuple[Record, Problem | None]:
+        if not (isinstance(rec.mask, Path) and _is_file(rec.mask)):
+            return rec, None
         try:
-            return _label_of(rec.mask), None
+            return replace(rec, has_pneumothorax=_label_of(rec.mask)), None
         except DataError as exc:
-            return None, Problem(str(rec.mask), exc.problem, "unreadable")
+            problem = Problem(str(rec.mask), exc.problem, "unreadable")
+            return replace(rec, has_pneumothorax=None), problem
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = dict(zip((r.id for r in todo), pool.map(label, todo), strict=True))
-    out = []
-    for rec in records:
-        if rec.id in results:
-            value, problem = results[rec.id]
-            if problem is not None:
-                problems.append(problem)
-            rec = replace(rec, has_pneumothorax=value)
-        out.append(rec)
-    return out
+        labelled = list(pool.map(label, records))
+    problems.extend(p for _, p in labelled if p is not None)  # in record order
+    return [rec for rec, _ in labelled]
 
 
 def _check_duplicates(records: list[Record], problems: list[Problem]) -> None:
@@ -240,27 +232,23 @@ def _scan_ptx498(root: Path, problems: list[Problem]) -> list[Record]:
         raise DataError(root, "ptx498 layout needs Site*/ folders")
     records = []
     for site in sites:
-        names = {p.name for p in site.iterdir() if p.is_file()}
-        cases = set()
-        for name in names:
-            m = _PTX_IMG.match(name)
-            if m:
-                cases.add(m.group(1))
-        for name in sorted(names):  # masks without their image
-            m = re.match(r"^(\d+)\.2\.mask\.png$", name, re.IGNORECASE)
-            if m and m.group(1) not in cases:
+        images, masks = {}, {}  # case number -> path
+        for p in sorted(p for p in site.iterdir() if p.is_file()):
+            if m := _PTX_IMG.match(p.name):
+                images[m.group(1)] = p
+            elif m := _PTX_MASK.match(p.name):
+                masks[m.group(1)] = p
+        for n, mask in masks.items():
+            if n not in images:
+                problems.append(Problem(str(mask), "mask without image", "missing-image"))
+        for n in sorted(images, key=int):
+            mask = masks.get(n)
+            if mask is None:
                 problems.append(
-                    Problem(str(site / name), "mask without image", "missing-image")
+                    Problem(str(images[n]), f"image without mask (no {n}.2.mask.png)",
+                            "missing-mask")
                 )
-        for n in sorted(cases, key=int):
-            img = next(site / x for x in names if x.lower() == f"{n}.1.img.png")
-            mask_name = next((x for x in names if x.lower() == f"{n}.2.mask.png"), None)
-            if mask_name is None:
-                problems.append(
-                    Problem(str(img), f"image without mask (no {n}.2.mask.png)", "missing-mask")
-                )
-            mask = site / mask_name if mask_name else None
-            records.append(Record(id=f"{site.name}_{n}", image=img, mask=mask))
+            records.append(Record(id=f"{site.name}_{n}", image=images[n], mask=mask))
     if not records:
         raise DataError(root, "no PTX-498 cases found (expected Site*/{n}.1.img.png)")
     return records

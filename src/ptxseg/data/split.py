@@ -17,7 +17,7 @@ import numpy as np
 
 from ptxseg.data.records import Record
 from ptxseg.errors import DataError
-from ptxseg.fileio import write_text
+from ptxseg.fileio import write_csv
 
 SPLIT_COLUMNS = ("id", "split", "has_pneumothorax", "patient_id")
 SPLITS = ("train", "val")
@@ -97,18 +97,14 @@ def write_split(path: str | Path, records: list[Record], assignment: dict[str, s
 
     ``has_pneumothorax`` is 1/0 (empty when unknown); rows follow the records' order.
     """
-    import csv
-    import io
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(SPLIT_COLUMNS)
-    for rec in records:
-        if rec.id not in assignment:
-            raise ValueError(f"record '{rec.id}' has no split assignment")
-        row = (rec.id, assignment[rec.id], _label_cell(rec.has_pneumothorax), rec.patient_id or "")
-        writer.writerow(row)
-    write_text(path, buf.getvalue())
+    missing = [rec.id for rec in records if rec.id not in assignment]
+    if missing:
+        raise ValueError(f"record '{missing[0]}' has no split assignment")
+    rows = (
+        (rec.id, assignment[rec.id], _label_cell(rec.has_pneumothorax), rec.patient_id or "")
+        for rec in records
+    )
+    write_csv(path, SPLIT_COLUMNS, rows)
 
 
 def read_split(path: str | Path) -> dict[str, str]:
