@@ -27,6 +27,12 @@ console = Console()
 err_console = Console(stderr=True)
 
 LAYOUTS = "auto | png | siim | ptx498 | csv"
+# options shared by several commands
+LayoutOption = Annotated[str, typer.Option("--layout", help=f"Dataset layout: {LAYOUTS}.")]
+TtaOption = Annotated[str, typer.Option("--tta", help="Test-time augmentation: none | hflip.")]
+RunBatchOption = Annotated[
+    int | None, typer.Option("--batch-size", min=1, help="Images per batch (default: the run's).")
+]
 
 
 def fail(message: str) -> None:
@@ -124,21 +130,20 @@ def _print_inspect(report) -> None:
 @app.command("inspect")
 def inspect_cmd(
     data: Annotated[Path, typer.Argument(help="Dataset folder (or manifest CSV).")],
-    layout: Annotated[str, typer.Option("--layout", help=LAYOUTS)] = "auto",
+    layout: LayoutOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Count images, labels, sizes and lesion areas; list every problem (exit 2 if any)."""
     import json
 
-    from rich.progress import Progress
-
     from ptxseg.data.inspect import inspect_dataset
+    from ptxseg.progress import progress_bar
 
     if as_json:
         report = inspect_dataset(data, layout)
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        with Progress(console=err_console, transient=True) as bar:
+        with progress_bar(console=err_console, transient=True) as bar:
             task = bar.add_task("inspect", total=None)
             report = inspect_dataset(
                 data, layout, on_progress=lambda i, n: bar.update(task, completed=i, total=n)
@@ -214,7 +219,7 @@ def prepare_cmd(
     data: Annotated[Path, typer.Argument(help="Dataset folder (any layout).")],
     out: Annotated[Path, typer.Argument(help="New folder for the resized png-layout copy.")],
     size: Annotated[int, typer.Option("--size", min=32, max=4096, help="Output side.")] = 512,
-    layout: Annotated[str, typer.Option("--layout", help=LAYOUTS)] = "auto",
+    layout: LayoutOption = "auto",
     workers: Annotated[
         int | None, typer.Option("--workers", min=1, help="Decoding threads (default: cores).")
     ] = None,
@@ -243,7 +248,7 @@ def tune(
         Path | None,
         typer.Option("--data", help="Dataset the run was trained on (default: the recorded one)."),
     ] = None,
-    layout: Annotated[str, typer.Option("--layout", help=f"Dataset layout: {LAYOUTS}.")] = "auto",
+    layout: LayoutOption = "auto",
     objective: Annotated[
         str,
         typer.Option(
@@ -259,12 +264,8 @@ def tune(
             "area, bottom threshold (SIIM-ACR winners).",
         ),
     ] = "pixel",
-    tta: Annotated[str, typer.Option("--tta", help="Test-time augmentation: none | hflip.")] = (
-        "none"
-    ),
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", min=1, help="Default: the run's.")
-    ] = None,
+    tta: TtaOption = "none",
+    batch_size: RunBatchOption = None,
 ) -> None:
     """Choose the post-processing on the run's validation split; writes RUN/thresholds.json."""
     from ptxseg.tune import tune_run
@@ -302,17 +303,13 @@ def evaluate(
             "with the ground truth resized (the paper's).",
         ),
     ] = "native",
-    layout: Annotated[str, typer.Option("--layout", help=f"Dataset layout: {LAYOUTS}.")] = "auto",
+    layout: LayoutOption = "auto",
     split: Annotated[
         str,
         typer.Option("--split", help="all images, or only the run's val / train ids (split.csv)."),
     ] = "all",
-    tta: Annotated[str, typer.Option("--tta", help="Test-time augmentation: none | hflip.")] = (
-        "none"
-    ),
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", min=1, help="Default: the run's.")
-    ] = None,
+    tta: TtaOption = "none",
+    batch_size: RunBatchOption = None,
 ) -> None:
     """Evaluate a run: metrics.json, per_image.csv, confusion matrix, overlays, report.html."""
     from ptxseg.evaluate import evaluate_run
@@ -355,9 +352,7 @@ def predict(
         Path | None,
         typer.Option("--thresholds", help="Thresholds file (default: RUN/thresholds.json)."),
     ] = None,
-    tta: Annotated[str, typer.Option("--tta", help="Test-time augmentation: none | hflip.")] = (
-        "none"
-    ),
+    tta: TtaOption = "none",
     kaggle_csv: Annotated[
         Path | None,
         typer.Option("--kaggle-csv", help="Also write a SIIM-ACR submission CSV here."),
@@ -521,5 +516,3 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:  # console script
     sys.exit(main())
 
-
-_ = Path  # re-exported for command sections

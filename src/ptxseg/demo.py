@@ -72,7 +72,8 @@ def _prepare_out(out: Path) -> None:
     for name in ("data", "run", "overlays", "predictions"):
         if (out / name).is_dir():
             shutil.rmtree(out / name)
-    for name in (MARKER, "metrics.json", "per_image.csv", "report.html", "confusion_matrix.png"):
+    for name in (MARKER, "metrics.json", "per_image.csv", "report.html", "confusion_matrix.png",
+                 "training_curves.png"):
         (out / name).unlink(missing_ok=True)
 
 
@@ -99,7 +100,8 @@ def run_demo(
     out = Path(out)
     cuda = torch.cuda.is_available()
     size = size or default_size(cuda)
-    cfg = load_config(config, [*size.overrides, *overrides])
+    overrides = [*size.overrides, *overrides]
+    cfg = load_config(config, overrides)
     _prepare_out(out)
     timings: dict[str, float] = {}
     record: dict[str, Any] = {
@@ -108,7 +110,7 @@ def run_demo(
         "n_test": size.n_test,
         "image_size": size.image_size,
         "config": str(config),
-        "overrides": [*size.overrides, *overrides],
+        "overrides": overrides,
         "seconds": timings,
     }
     write_json(out / MARKER, record)
