@@ -87,6 +87,12 @@ def test_ptx498_layout(tmp_path):
     (tmp_path / "SiteB" / "3.2.mask.png").unlink()
     with pytest.raises(DataError, match="image without mask"):
         load_records(tmp_path, "ptx498")
+    _png(tmp_path / "SiteB" / "7.2.mask.png", _blob())  # a mask without its image
+    found = scan(tmp_path, "ptx498")
+    assert [(p.kind, p.path) for p in found.problems] == [
+        ("missing-image", str(tmp_path / "SiteB" / "7.2.mask.png")),
+        ("missing-mask", str(tmp_path / "SiteB" / "3.1.img.png")),
+    ]
 
 
 def _siim_folder(tmp_path, sample_dir, header="ImageId, EncodedPixels", bom=True):

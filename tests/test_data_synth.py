@@ -41,7 +41,8 @@ def test_lesion_is_darker_and_smoother_than_the_other_lung():
     darker, smoother = [], []
     for i in range(12):
         img, mask = draw_case(np.random.default_rng([0, i]), 256, True)
-        assert mask.mean() / 255 >= 0.004  # MIN_LESION_FRACTION
+        assert mask.mean() / 255 >= 0.004  # MIN_LESION_FRACTION (0.006), less the slack of a
+        # _lesion that gives up after 8 draws
         inner = cv2.erode(mask, np.ones((7, 7), np.uint8)) > 0
         mirror = inner[:, ::-1] & ~(mask > 0)  # the same place in the other lung
         high = img.astype(float) - cv2.GaussianBlur(img.astype(float), (0, 0), 3)

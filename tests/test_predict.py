@@ -226,13 +226,11 @@ def test_kaggle_csv_round_trips_to_the_written_masks(mixed):
         else:
             expected_ids.append(r["id"])
     assert [s[0] for s in sub] == expected_ids
-    n_empty = 0
     for (_, rle), r in zip(sub, results, strict=True):
         h, w = int(r["height"]), int(r["width"])
         mask = cv2.imread(str(mixed["out"] / "masks" / f"{r['id']}.png"), 0) // 255
         np.testing.assert_array_equal(decode(rle, h, w), mask)
         np.testing.assert_array_equal(rle_decode_reference(rle, h, w), mask)
-        n_empty += rle == "-1"
         assert (rle == "-1") == (r["has_pneumothorax"] == "0")
 
 

@@ -333,7 +333,7 @@ class OnnxModel:
         try:
             size = int(raw)
         except ValueError:
-            raise CheckpointError(f"{self.path}: bad ptxseg.input_size metadata {raw!r}") from None
+            size = 0
         if size <= 0:
             raise CheckpointError(f"{self.path}: bad ptxseg.input_size metadata {raw!r}")
         return size

@@ -75,7 +75,7 @@ def prepare_model(
 
 
 def default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1)))
+    return min(8, os.cpu_count() or 1)
 
 
 def resize_to(image: np.ndarray, size: int) -> np.ndarray:

@@ -133,7 +133,7 @@ def pooled_metrics(
     Returns ``{accuracy, recall, precision, f1, iou, tn, fp, fn, tp}`` (ratios ``None`` where
     undefined, the reason recorded in ``reasons`` under ``pooled.<name>``).
     """
-    r = reasons or _Reasons()
+    r = reasons if reasons is not None else _Reasons()
     tp, fp, fn, tn = int(tp), int(fp), int(fn), int(tn)
     return {
         "accuracy": r.ratio("pooled.accuracy", tp + tn, tp + fp + fn + tn, "no pixels"),
@@ -153,7 +153,7 @@ def pooled_metrics(
 def per_image_metrics(stats: Sequence[ImageStats], reasons: _Reasons | None = None) -> dict:
     """SIIM-ACR mean Dice over all images (empty/empty = 1) and mean Dice / IoU over images
     whose ground truth is not empty."""
-    r = reasons or _Reasons()
+    r = reasons if reasons is not None else _Reasons()
     tp, fp, fn = _arrays(stats, ("tp", "fp", "fn"))
     dice = dice_scores(tp, fp, fn)
     iou = iou_scores(tp, fp, fn)
@@ -195,7 +195,7 @@ def detection_metrics(stats: Sequence[ImageStats], reasons: _Reasons | None = No
     """Image-level detection: an image is called positive when its post-processed mask is not
     empty. Sensitivity, specificity, and the AUC of the image's max probability, with the image
     confusion counts."""
-    r = reasons or _Reasons()
+    r = reasons if reasons is not None else _Reasons()
     truth = np.array([s.has_pneumothorax for s in stats], dtype=bool)
     called = np.array([s.predicted_positive for s in stats], dtype=bool)
     tp = int((truth & called).sum())

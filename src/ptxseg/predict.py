@@ -61,6 +61,7 @@ import numpy as np
 from ptxseg.errors import DataError, PtxsegError, one_line
 from ptxseg.postprocess import PostParams, area_scale, binarize, load_params, with_model_size
 from ptxseg.progress import progress_bar
+from ptxseg.report import shrink_to
 
 BACKENDS = ("torch", "onnx")
 RESULTS_COLUMNS = (
@@ -347,12 +348,7 @@ def draw_prediction(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         - output: ``(h, w, 3)`` uint8 (``(h, w)`` when the mask is empty), longest side at
           most :data:`OVERLAY_MAX_SIDE`
     """
-    h, w = mask.shape
-    scale = min(1.0, OVERLAY_MAX_SIDE / max(h, w))
-    if scale < 1.0:
-        dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
-        image = cv2.resize(image, dsize, interpolation=cv2.INTER_AREA)
-        mask = cv2.resize(mask, dsize, interpolation=cv2.INTER_NEAREST)
+    image, mask = shrink_to(OVERLAY_MAX_SIDE, image, mask)
     if not mask.any():
         return np.ascontiguousarray(image)
     mask = mask.astype(np.uint8, copy=False)
@@ -520,7 +516,7 @@ def run_prediction(
     from rich.markup import escape
 
     from ptxseg.fileio import atomic_open
-    from ptxseg.inference import check_tta, default_workers, predict_probs
+    from ptxseg.inference import check_tta, predict_probs
 
     check_tta(tta)
     console = console or Console(stderr=True)
@@ -530,7 +526,6 @@ def run_prediction(
     entries = [(e.id, e.path) for e in inputs.entries]
     errors: list[tuple[str, str]] = []
     n_positive = 0
-    workers = default_workers() if workers is None else workers
 
     with contextlib.ExitStack() as stack:
         res_fh = stack.enter_context(

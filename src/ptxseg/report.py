@@ -56,6 +56,20 @@ class Overlay:
     cases: list[ImageStats]
 
 
+def shrink_to(max_side: int, image: np.ndarray, *masks: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``image`` (area interpolation) and same-size ``masks`` (nearest) shrunk so that the
+    longest side is at most ``max_side``; returned unchanged when they already fit."""
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    if scale >= 1.0:
+        return (image, *masks)
+    dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return (
+        cv2.resize(image, dsize, interpolation=cv2.INTER_AREA),
+        *(cv2.resize(m, dsize, interpolation=cv2.INTER_NEAREST) for m in masks),
+    )
+
+
 def draw_contours(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """Radiograph (gray uint8) with ground-truth (green) and prediction (red) contours, RGB.
 
@@ -65,12 +79,7 @@ def draw_contours(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.nda
     h, w = gt.shape
     if image.shape != (h, w):
         image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-    scale = min(1.0, PANEL_SIZE / max(h, w))
-    if scale < 1.0:
-        dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
-        image = cv2.resize(image, dsize, interpolation=cv2.INTER_AREA)
-        gt = cv2.resize(gt, dsize, interpolation=cv2.INTER_NEAREST)
-        pred = cv2.resize(pred, dsize, interpolation=cv2.INTER_NEAREST)
+    image, gt, pred = shrink_to(PANEL_SIZE, image, gt, pred)
     rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     for mask, color in ((gt, GT_RGB), (pred, PRED_RGB)):
         contours, _ = cv2.findContours(

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from ptxseg.metrics import dice_scores, iou_scores
-from ptxseg.postprocess import CONNECTIVITY, PostParams, save_params
+from ptxseg.postprocess import CONNECTIVITY, MODES, PostParams, save_params
 
 #: below the paper's lowest grid value (0.05), where its optimum sat, and up to 0.95
 THRESHOLDS: tuple[float, ...] = (0.01, 0.02, 0.03, 0.04) + tuple(
@@ -33,7 +33,6 @@ THRESHOLDS: tuple[float, ...] = (0.01, 0.02, 0.03, 0.04) + tuple(
 #: small-component removal areas, pixels at model resolution
 AREAS: tuple[int, ...] = (0, 256, 512, 1024, 2048, 4096)
 OBJECTIVES = ("iou", "kaggle")
-MODES = ("pixel", "triplet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +64,7 @@ def grid_counts(
     pred = np.zeros((n_t, n_a), np.int64)
     tp = np.zeros((n_t, n_a), np.int64)
     area_arr = np.asarray(areas, np.int64)
+    keep_all = area_arr <= 1  # every component has at least one pixel
     p, g = probs, gt.astype(bool, copy=False)
     for ti, t in enumerate(thresholds):
         mask = p > t
@@ -77,7 +77,6 @@ def grid_counts(
         p, g, mask = p[box], g[box], np.ascontiguousarray(mask[box])
         fg = int(np.count_nonzero(mask))
         fg_tp = int(np.count_nonzero(mask & g))
-        keep_all = area_arr <= 1  # every component has at least one pixel
         keep_none = area_arr > fg  # no component is larger than the whole mask
         pred[ti, keep_all], tp[ti, keep_all] = fg, fg_tp
         undecided = ~(keep_all | keep_none)

@@ -76,12 +76,10 @@ class SegDataset(Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Decode and resize item ``index`` (no augmentation): uint8 (S, S) image and mask."""
-        from ptxseg.data.imageio import read_image, read_mask
+        from ptxseg.data.imageio import load_pair
 
-        rec = self.records[index]
         try:
-            image = read_image(rec.image)
-            mask = read_mask(rec.mask, image.shape[:2])
+            image, mask = load_pair(self.records[index])  # mask: checked not None in __init__
         except PtxsegError as exc:
             raise ItemError(str(exc)) from None
         return resize_to(image, self.size), resize_mask(mask, self.size)

@@ -89,10 +89,10 @@ def _stretch(arr: np.ndarray, lo: float | None = None, hi: float | None = None) 
 
 
 def _to_gray(arr: np.ndarray) -> np.ndarray:
-    """(H, W, C) RGB(A) -> (H, W) luma (ITU-R 601-2, the weights Pillow uses)."""
+    """(H, W, C) RGB(A) -> (H, W) uint8 luma (ITU-R 601-2, the weights Pillow uses)."""
     rgb = arr[..., :3].astype(np.float32)
     gray = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-    return gray
+    return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- raster (Pillow)
@@ -154,8 +154,7 @@ def _raster_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
         if mode in ("LA", "La"):
             arr = arr[..., 0]
         else:
-            gray = _to_gray(arr)
-            return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+            return _to_gray(arr)
     if arr.dtype == np.uint8:
         return np.ascontiguousarray(arr)
     return _stretch(arr)  # 16/32-bit integer or float gray
@@ -241,7 +240,7 @@ def _dicom_to_uint8(path: Path, ds) -> np.ndarray:
         arr = arr[0]  # that pydicom returns as extra frames): the first one
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3:  # colour: pydicom already converted YBR to RGB
-        return np.clip(np.rint(_to_gray(arr)), 0, 255).astype(np.uint8)
+        return _to_gray(arr)
     rescaled = "RescaleSlope" in ds or "ModalityLUTSequence" in ds
     if rescaled:
         arr = apply_modality_lut(arr, ds)
@@ -355,11 +354,14 @@ def read_mask(mask: Path | str | RleMask, shape: tuple[int, int]) -> np.ndarray:
         raise ValueError("read_mask: this record has no ground truth (mask is None)")
     raw = read_mask_raw(mask)
     if raw.shape != (h, w):
-        raise DataError(
-            mask,
-            f"mask is {raw.shape[1]}x{raw.shape[0]} but its image is {w}x{h} (width x height)",
-        )
+        raise DataError(mask, size_mismatch(raw.shape, (h, w)))
     return (raw > 0).astype(np.uint8)
+
+
+def size_mismatch(mask_shape: tuple[int, ...], image_shape: tuple[int, ...]) -> str:
+    """The problem of a mask whose (H, W) differs from its image's, sizes written W x H."""
+    (mh, mw), (ih, iw) = mask_shape[:2], image_shape[:2]
+    return f"mask is {mw}x{mh} but its image is {iw}x{ih} (width x height)"
 
 
 def load_pair(record: Record) -> tuple[np.ndarray, np.ndarray | None]:

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ptxseg.data.imageio import probe_image, read_image, read_mask, read_mask_raw
+from ptxseg.data.imageio import (
+    probe_image,
+    read_image,
+    read_mask,
+    read_mask_raw,
+    size_mismatch,
+)
 from ptxseg.data.records import Record, RleMask
 from ptxseg.data.sources import Problem, scan
 from ptxseg.errors import DataError
@@ -87,14 +93,7 @@ def _check_mask_file(path: Path, shape: tuple[int, int], out: _Checked) -> np.nd
             Problem(str(path), f"non-binary mask ({values.size} values: {shown})", "non-binary")
         )
     if raw.shape != shape:
-        out.problems.append(
-            Problem(
-                str(path),
-                f"mask is {raw.shape[1]}x{raw.shape[0]} but its image is "
-                f"{shape[1]}x{shape[0]} (width x height)",
-                "size-mismatch",
-            )
-        )
+        out.problems.append(Problem(str(path), size_mismatch(raw.shape, shape), "size-mismatch"))
         return None
     return (raw > 0).astype(np.uint8)
 

@@ -33,6 +33,7 @@ import numpy as np
 from ptxseg.data.records import Record
 from ptxseg.errors import DataError
 from ptxseg.fileio import write_png
+from ptxseg.progress import progress_bar
 
 MIN_LESION_FRACTION = 0.006  # smallest lesion, as a share of the image area
 
@@ -248,17 +249,15 @@ def generate(
     positives = set(np.random.default_rng([seed, n]).permutation(n)[:n_pos].tolist())
     width = max(4, len(str(n - 1)))
     records = []
-    indices = range(n)
-    if progress:
-        from rich.progress import track
-
-        indices = track(indices, description="synth", total=n)
-    for i in indices:
-        name = f"synth_{i:0{width}d}"
-        image, mask = draw_case(np.random.default_rng([seed, i]), size, i in positives)
-        img_path = out / "png_images" / f"{name}.png"
-        mask_path = out / "png_masks" / f"{name}.png"
-        write_png(img_path, image)
-        write_png(mask_path, mask)
-        records.append(Record(name, img_path, mask_path, bool(mask.any()), None))
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("synth", total=n)
+        for i in range(n):
+            name = f"synth_{i:0{width}d}"
+            image, mask = draw_case(np.random.default_rng([seed, i]), size, i in positives)
+            img_path = out / "png_images" / f"{name}.png"
+            mask_path = out / "png_masks" / f"{name}.png"
+            write_png(img_path, image)
+            write_png(mask_path, mask)
+            records.append(Record(name, img_path, mask_path, bool(mask.any()), None))
+            bar.advance(task)
     return records
