@@ -421,6 +421,10 @@ def test_tune_warns_when_the_model_finds_nothing(data96, tmp_path, capsys):
     assert _warnings(capsys.readouterr().err) == [expected]
     obj = json.loads((run / "thresholds.json").read_text())
     assert obj["score"] == 0.0 and obj["warnings"] == [expected.removeprefix("warning: ")]
+    out = tmp_path / "eval"  # the report shows it beside the chosen rule
+    assert main(["evaluate", str(run), "--data", str(data96), "--out", str(out)]) == 0
+    text = parse_html_report(out / "report.html")["text"]
+    assert f"Tuning: {obj['warnings'][0]}" in text
 
 
 def test_tune_uses_the_recorded_dataset(run, synth_data, tmp_path, capsys):

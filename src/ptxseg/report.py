@@ -366,6 +366,9 @@ def write_report(
                 "validation images"
             )
         parts.append(".</p>")
+        notes = thr_obj.get("warnings") if isinstance(thr_obj, dict) else None
+        for note in notes if isinstance(notes, list) else []:
+            parts.append(f"<p class='warn'>Tuning: {e(str(note))}</p>")
     grid = grid_figure(thr_obj)
     if grid is not None:
         parts.append(_img(_data_uri_png(grid), "grid search"))
