@@ -161,8 +161,12 @@ def test_siim_refuses_ambiguous_csvs(tmp_path, sample_dir):
     assert load_records(root, "siim")[1] == "siim"  # a preferred name wins
     (root / "stage_2_train.csv").rename(root / "other.csv")
     (root / "train-rle.csv").rename(root / "more.csv")
-    with pytest.raises(DataError, match="several run-length CSVs"):
+    with pytest.raises(DataError) as exc:
         load_records(root, "siim")
+    assert str(exc.value) == (
+        f"{root}: several run-length CSVs found (more.csv, other.csv); choose one with "
+        "--rle FILE (config key data.rle)"
+    )
 
 
 def test_csv_manifest(tmp_path):
@@ -219,3 +223,85 @@ def test_csv_manifest_ids_must_be_filename_safe(tmp_path):
     (tmp_path / "list.csv").write_text("id,image,mask\nsub/a,a.png,a.png\n")
     with pytest.raises(DataError, match="id 'sub/a' is not filename-safe"):
         load_records(tmp_path / "list.csv")
+
+
+def _small_siim(root, make_dicom, n=6):
+    """n synthetic 64 px images as DICOMs (SOPInstanceUID 1.2.826.0.1.N) and their masks."""
+    from ptxseg.data.synthetic import generate
+
+    recs = generate(root.parent / f"{root.name}-png", n=n, size=64, seed=1, positive_fraction=0.5)
+    uids, masks = [], []
+    for i, rec in enumerate(recs):
+        uid = f"1.2.826.0.1.{i}"
+        (root / "dicom").mkdir(parents=True, exist_ok=True)
+        make_dicom(root / "dicom" / f"{uid}.dcm", cv2.imread(str(rec.image), 0),
+                   SOPInstanceUID=uid, PatientID=f"P{i}")
+        uids.append(uid)
+        masks.append((cv2.imread(str(rec.mask), 0) > 0).astype(np.uint8))
+    return uids, masks
+
+
+def test_rle_option_picks_one_of_several_csvs(tmp_path, make_dicom):
+    """--rle / data.rle chooses the CSV (relative: from the dataset folder; implies siim)."""
+    root = tmp_path / "ds"
+    uids, masks = _small_siim(root, make_dicom)
+    good = "ImageId,EncodedPixels\n" + "".join(
+        f"{u},{encode(m)}\n" for u, m in zip(uids, masks, strict=True)
+    )
+    (root / "rle").mkdir()
+    (root / "rle" / "good.csv").write_text(good)
+    (root / "rle" / "decoy.csv").write_text("ImageId,EncodedPixels\n" + "".join(
+        f"{u},-1\n" for u in uids))
+    (root / "notes.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match=r"choose one with --rle FILE \(config key data.rle\)"):
+        load_records(root)
+    for rle in ("rle/good.csv", root / "rle" / "good.csv"):
+        records, layout = load_records(root, rle=rle)
+        assert layout == "siim" and [r.id for r in records] == uids
+        for rec, mask in zip(records, masks, strict=True):
+            assert rec.has_pneumothorax == bool(mask.any())
+            np.testing.assert_array_equal(read_mask(rec.mask, mask.shape), mask)
+            assert rec.mask.source == str(root / "rle" / "good.csv")
+    records, _ = load_records(root, "siim", rle="rle/decoy.csv")
+    assert not any(r.has_pneumothorax for r in records)
+    with pytest.raises(DataError, match="run-length CSV not found"):
+        load_records(root, rle="rle/absent.csv")
+    with pytest.raises(DataError, match="not a run-length CSV .* found a,b"):
+        load_records(root, rle="notes.csv")
+    with pytest.raises(DataError, match="for the siim layout, not 'png'"):
+        load_records(root, "png", rle="rle/good.csv")
+
+
+def test_rle_errors_name_the_csv_line_and_image_id(tmp_path, make_dicom):
+    """A row that cannot be decoded is named by CSV file, line number (blank lines counted)
+    and ImageId, when read for training/evaluation and in inspect."""
+    from ptxseg.data.inspect import inspect_dataset
+
+    root = tmp_path / "ds"
+    uids, masks = _small_siim(root, make_dicom, n=3)
+    csv_path = root / "train-rle.csv"
+    csv_path.write_text(
+        "ImageId,EncodedPixels\n"
+        f"{uids[0]},-1\n"
+        "\n"
+        f"{uids[1]},{encode(masks[1]) if masks[1].any() else '3 4'}\n"
+        f"{uids[1]},1 2 3\n"  # line 5: an odd count
+        f"{uids[2]},4000 200\n"  # line 6: past the end of a 64x64 image
+    )
+    records = {r.id: r for r in load_records(root)[0]}
+    with pytest.raises(DataError) as exc:
+        read_mask(records[uids[1]].mask, (64, 64))
+    assert str(exc.value) == (
+        f"{csv_path}: line 5, ImageId {uids[1]}: run-length row has an odd number of values (3)"
+    )
+    with pytest.raises(DataError) as exc:
+        read_mask(records[uids[2]].mask, (64, 64))
+    assert str(exc.value).startswith(
+        f"{csv_path}: line 6, ImageId {uids[2]}: run-length row runs past the image"
+    )
+    report = inspect_dataset(root)
+    found = sorted((p.path, p.problem.split(":")[0]) for p in report.problems)
+    assert found == [
+        (str(csv_path), f"line 5, ImageId {uids[1]}"),
+        (str(csv_path), f"line 6, ImageId {uids[2]}"),
+    ]

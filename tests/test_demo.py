@@ -37,6 +37,7 @@ def test_demo_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
     masks = sorted((out / "data/test/png_masks").glob("*.png"))
     positives = sum(int(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE).any()) for p in masks)
     assert saved["n_images"] == len(masks) == 8 and saved["n_positive"] == positives
+    assert saved["n_train_ids"] == 0  # the held-out images have their own ids
     pooled = saved["pooled"]
     assert pooled["tp"] + pooled["fp"] + pooled["fn"] + pooled["tn"] == 8 * 64 * 64
     assert "<img" in (out / "report.html").read_text() and (out / "confusion_matrix.png").exists()
@@ -48,7 +49,7 @@ def test_demo_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
         assert len(list(csv.DictReader(fh))) == 4
     with open(out / "predictions/submission.csv") as fh:
         assert [r["ImageId"] for r in csv.DictReader(fh)] == [
-            f"synth_{i:04d}" for i in range(4)
+            f"test_{i:04d}" for i in range(4)
         ]
     record = json.loads((out / MARKER).read_text())
     assert set(record["seconds"]) == {"synth", "train", "tune", "evaluate", "predict", "total"}

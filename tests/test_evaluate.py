@@ -76,6 +76,9 @@ def test_tune_writes_thresholds(tuned, synth_data):
     assert obj["n_images"] == n_val > 0
     rows = obj["grid"]["rows"]
     assert len(rows) == 23 * 6
+    # removal areas: 0..4096 px of a 512 px input as the same fractions of the 64 px input
+    assert sorted({r[1] for r in rows}) == [a * 64 * 64 // (512 * 512) for a in
+                                            (0, 256, 512, 1024, 2048, 4096)]
     best = max(r[2] for r in rows)
     assert obj["score"] == pytest.approx(best, abs=1e-6)
     chosen = [r for r in rows if r[0] == obj["binary_threshold"] and r[1] == obj["removal_area"]]
@@ -194,7 +197,9 @@ def test_tune_triplet_kaggle_then_evaluate(run, synth_data, data96, tmp_path):
     obj = json.loads((work / "thresholds.json").read_text())
     assert obj["mode"] == "triplet" and obj["objective"] == "kaggle"
     assert obj["bottom_threshold"] <= obj["top_threshold"]
-    assert obj["min_area"] in (0, 256, 512, 1024, 2048, 4096)
+    # the area grid is scaled to the run's 64 px input: 0..4096 px of 512 px, same fractions
+    assert obj["area_grid"]["areas"] == [0, 4, 8, 16, 32, 64]
+    assert obj["min_area"] in obj["area_grid"]["areas"]
     assert obj["grid"]["columns"] == ["top_threshold", "min_area", "bottom_threshold", "score"]
     out = tmp_path / "out"
     assert main(["evaluate", str(work), "--data", str(data96), "--out", str(out)]) == 0
@@ -285,21 +290,141 @@ def test_missing_run(tmp_path, capsys):
     _one_line_error(capsys, "run folder not found")
 
 
-def test_missing_thresholds(run, data96, tmp_path, capsys):
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning: ")]
+
+
+def test_missing_thresholds_one_rule_for_evaluate_and_predict(run, data96, tmp_path, capsys):
+    """Without RUN/thresholds.json evaluate and predict both use the default rule (probs > 0.5,
+    no component removal) with the same one-line warning and record thresholds_source
+    "default"; an explicit --thresholds FILE that is missing is an error in both."""
     bare = tmp_path / "bare"
     shutil.copytree(run, bare, ignore=shutil.ignore_patterns("thresholds.json"))
+    expected = (
+        f"warning: {bare / 'thresholds.json'} not found: using the default rule probs > 0.5, "
+        f"no component removal (run `ptxseg tune {bare}` to choose them)"
+    )
+    default = {"binary_threshold": 0.5, "removal_area": 0, "mode": "pixel", "size": None}
     out = tmp_path / "out"
-    assert main(["evaluate", str(bare), "--data", str(data96), "--out", str(out)]) == 2
-    _one_line_error(capsys, str(bare / "thresholds.json"), "ptxseg tune")
-    assert not out.exists()
+    assert main(["evaluate", str(bare), "--data", str(data96), "--out", str(out)]) == 0
+    assert expected in _warnings(capsys.readouterr().err)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["thresholds"] == default and m["thresholds_source"] == "default"
+    _check_against_independent(out, bare, PostParams(binary_threshold=0.5), data96)
+    text = parse_html_report(out / "report.html")["text"]
+    assert "Default rule" in text and "probs > 0.5, no component removal" in text
+
+    images = sorted((data96 / "png_images").glob("*.png"))[:2]
+    pred_out = tmp_path / "pred"
+    argv = ["predict", str(bare), *map(str, images), "--out", str(pred_out), "--workers", "0"]
+    assert main(argv) == 0
+    assert _warnings(capsys.readouterr().err) == [expected]
+    info = json.loads((pred_out / "predict.json").read_text())
+    assert info["thresholds"] == default and info["thresholds_source"] == "default"
+
     other = tmp_path / "t.json"
-    args = ["evaluate", str(bare), "--data", str(data96), "--out", str(out)]
+    args = ["evaluate", str(bare), "--data", str(data96), "--out", str(tmp_path / "o2")]
     assert main([*args, "--thresholds", str(other)]) == 2
+    _one_line_error(capsys, str(other), "thresholds file not found")
+    assert main([*argv[:-4], "--out", str(tmp_path / "p2"), "--thresholds", str(other)]) == 2
     _one_line_error(capsys, str(other), "thresholds file not found")
     other.write_text("{broken")
     assert main([*args, "--thresholds", str(other)]) == 2
     _one_line_error(capsys, str(other), "not valid JSON")
-    assert not out.exists()
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "p2").exists()
+
+
+def test_evaluate_warns_about_training_images(tuned, synth_data, tmp_path, capsys):
+    """--split all on the run's own dataset counts the images of its training split, warns
+    and points at --split val; metrics.json and report.html carry the count."""
+    with (tuned / "split.csv").open() as fh:
+        side = {row["id"]: row["split"] for row in csv.DictReader(fh)}
+    ids = sorted(p.stem for p in (synth_data / "png_images").glob("*.png"))
+    n_train = sum(1 for i in ids if side.get(i) == "train")
+    assert 0 < n_train < len(ids)
+    out = tmp_path / "all"
+    assert main(["evaluate", str(tuned), "--data", str(synth_data), "--out", str(out)]) == 0
+    [line] = _warnings(capsys.readouterr().err)
+    assert f"{n_train} of the {len(ids)} images have the ids of the run's training images" in line
+    assert str(tuned / "split.csv") in line and "--split val" in line
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_train_ids"] == n_train and m["split"] == "all"
+    text = parse_html_report(out / "report.html")["text"]
+    assert f"{n_train} of the {len(ids)} images (n_train_ids)" in text and "--split val" in text
+    # the validation split, or the same images under other ids: no warning, a count of 0
+    other = tmp_path / "other"
+    for sub in ("png_images", "png_masks"):
+        (other / sub).mkdir(parents=True)
+        for p in (synth_data / sub).iterdir():
+            shutil.copy(p, other / sub / f"other_{p.name}")
+    for extra, data in ((["--split", "val"], synth_data), ([], other)):
+        again = tmp_path / f"o{len(extra)}"
+        argv = ["evaluate", str(tuned), "--data", str(data), "--out", str(again), *extra]
+        assert main(argv) == 0
+        assert _warnings(capsys.readouterr().err) == []
+        assert json.loads((again / "metrics.json").read_text())["n_train_ids"] == 0
+        assert "n_train_ids" not in parse_html_report(again / "report.html")["text"]
+
+
+def test_max_prob_is_the_same_in_predict_and_evaluate(data96, tmp_path):
+    """One image, one model: results.csv (predict) and per_image.csv (evaluate) give the same
+    max_prob, the maximum of the probability map at model resolution (64 px), computed here
+    by hand; the image is 96 px, so a native-resolution maximum would differ."""
+    import torch
+
+    from ptxseg.inference import probs_to_native
+
+    run = tmp_path / "run"
+    model = make_run(run, decisive=False, thresholds=PostParams())  # probabilities near 0.5
+    ident = sorted(p.stem for p in (data96 / "png_images").glob("*.png"))[0]
+    image = data96 / "png_images" / f"{ident}.png"
+    gray = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE)
+    x = cv2.resize(gray, (64, 64), interpolation=cv2.INTER_AREA)
+    with torch.no_grad():
+        probs = torch.sigmoid(model(torch.from_numpy(x)[None, None])).numpy()[0, 0]
+    expected = float(probs.max())
+    native_max = float(probs_to_native(probs, 96, 96).max())
+    assert round(native_max, 6) != round(expected, 6)  # the two definitions differ here
+
+    assert main(["predict", str(run), str(image), "--out", str(tmp_path / "p"),
+                 "--workers", "0"]) == 0
+    [row] = _read_per_image(tmp_path / "p" / "results.csv")
+    data = tmp_path / "one"
+    _link_pairs(data96, data, [image.name])
+    assert main(["evaluate", str(run), "--data", str(data), "--out", str(tmp_path / "e")]) == 0
+    [ev] = _read_per_image(tmp_path / "e" / "per_image.csv")
+    assert row["id"] == ev["id"] == ident
+    assert float(row["max_prob"]) == float(ev["max_prob"]) == round(expected, 6)
+
+
+def test_tune_warns_when_the_model_finds_nothing(data96, tmp_path, capsys):
+    """A network whose probabilities are ~0 everywhere: the best pooled IoU is 0, tune says
+    the thresholds are not meaningful (and thresholds.json keeps the warning)."""
+    import torch
+
+    from ptxseg.data.sources import load_records
+    from ptxseg.data.split import write_split
+    from ptxseg.model import save_model_checkpoint
+
+    run = tmp_path / "run"
+    model = make_run(run, decisive=False)
+    with torch.no_grad():
+        model.net.segmentation_head[0].bias.fill_(-40.0)
+    save_model_checkpoint(model, run / "best.ckpt")
+    records, _ = load_records(data96)
+    write_split(run / "split.csv", records, {r.id: "val" for r in records})
+    assert main(["tune", str(run), "--data", str(data96)]) == 0
+    expected = (
+        "warning: the model finds almost nothing on the validation split (best pooled IoU "
+        "0.000); the chosen thresholds are not meaningful"
+    )
+    assert _warnings(capsys.readouterr().err) == [expected]
+    obj = json.loads((run / "thresholds.json").read_text())
+    assert obj["score"] == 0.0 and obj["warnings"] == [expected.removeprefix("warning: ")]
+    out = tmp_path / "eval"  # the report shows it beside the chosen rule
+    assert main(["evaluate", str(run), "--data", str(data96), "--out", str(out)]) == 0
+    text = parse_html_report(out / "report.html")["text"]
+    assert f"Tuning: {obj['warnings'][0]}" in text
 
 
 def test_tune_uses_the_recorded_dataset(run, synth_data, tmp_path, capsys):
@@ -375,4 +500,47 @@ def test_tune_iou_on_negative_only_validation(data96, tmp_path, capsys):
     assert not (run / "thresholds.json").exists()
     assert main(["tune", str(run), "--data", str(data96), "--objective", "kaggle"]) == 0
     obj = json.loads((run / "thresholds.json").read_text())
-    assert obj["n_positive"] == 0 and obj["score"] == 1.0  # every negative predicted empty
+    assert obj["n_positive"] == 0 and obj["n_images"] == 4
+    # on negatives an image's Dice is 1 (predicted empty) or 0: scores are multiples of 1/4
+    scores = [r[-1] for r in obj["grid"]["rows"]]
+    assert obj["score"] == max(scores) and all(4 * v == int(4 * v) for v in scores)
+    [line] = _warnings(capsys.readouterr().err)
+    assert "validation split (4 images) has no pneumothorax" in line
+    assert "not meaningful" in line and obj["warnings"] == [line.removeprefix("warning: ")]
+
+
+def test_a_run_trained_on_a_prepared_copy_evaluates_on_the_original(sample_dir, tmp_path):
+    """prepare keeps ids: every real SIIM PNG name ends in '_' and a prepared copy used to
+    drop it, so `evaluate --split val` on the original found none of the run's val ids."""
+    from ptxseg.data.sources import load_records
+    from tests.test_train_cli import CPU_SETS
+
+    data = tmp_path / "siim"
+    names = _sample_names(sample_dir, 1, 6) + _sample_names(sample_dir, 0, 6)
+    _link_pairs(sample_dir, data, names)
+    original = sorted(Path(n).stem for n in names)
+    assert all(i.endswith("_") for i in original)
+    copy = tmp_path / "copy"
+    assert main(["prepare", str(data), str(copy), "--size", "64"]) == 0
+    records, layout = load_records(copy)
+    assert layout == "csv" and [r.id for r in records] == original
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", "paper", "--data", str(copy), "--out", str(run),
+                 *CPU_SETS, "--set", "data.val_fraction=0.34"]) == 0
+    with (run / "split.csv").open() as fh:
+        split = {row["id"]: row["split"] for row in csv.DictReader(fh)}
+    assert sorted(split) == original
+    val = sorted(i for i, side in split.items() if side == "val")
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run), "--data", str(data), "--split", "val",
+                 "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_images"] == len(val) and m["n_train_ids"] == 0
+    rows = _read_per_image(out / "per_image.csv")
+    assert [r["id"] for r in rows] == val
+    true_px = sum(
+        int((cv2.imread(str(data / "png_masks" / f"{i}.png"), cv2.IMREAD_GRAYSCALE) > 0).sum())
+        for i in val
+    )
+    assert m["pooled"]["tp"] + m["pooled"]["fn"] == true_px  # compared at native 1024 px

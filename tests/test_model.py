@@ -111,3 +111,106 @@ def test_bn_momentum_override():
     assert enc and all(m.momentum == pytest.approx(0.01) for m in enc)  # smp EfficientNet's
     tuned = build_model(tiny_config(**{"model.bn_momentum": 0.1}).model)
     assert {m.momentum for m in tuned.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, value):
+    """A checkpoint holding NaN/inf weights is refused at load time, naming the file and the
+    first bad tensor, so no stage ever computes from it."""
+    cfg = tiny_config()
+    model = build_model(cfg.model, pretrained=False).eval()
+    bad = "net.segmentation_head.0.bias"
+    with torch.no_grad():
+        dict(model.named_parameters())[bad].fill_(value)
+    ckpt = tmp_path / "nan.ckpt"
+    save_model_checkpoint(model, ckpt)
+    with pytest.raises(CheckpointError) as exc:
+        load_model(cfg, ckpt)
+    message = str(exc.value)
+    assert message.startswith(f"{ckpt}: refusing to load: weight '{bad}' holds 1 non-finite value")
+    assert "\n" not in message
+
+
+def test_cli_refuses_a_nan_checkpoint_in_every_stage(tmp_path, capsys):
+    from ptxseg.cli import main
+    from ptxseg.data.sources import load_records
+    from ptxseg.data.split import write_split
+    from ptxseg.data.synthetic import generate
+    from tests.conftest import make_run
+
+    run = tmp_path / "run"
+    model = make_run(run)
+    with torch.no_grad():
+        model.net.decoder.blocks[0].conv1[0].weight[0, 0, 0, 0] = float("nan")
+    save_model_checkpoint(model, run / "best.ckpt")
+    data = tmp_path / "data"
+    generate(data, n=4, size=64, seed=0)
+    records, _ = load_records(data)
+    write_split(run / "split.csv", records, {r.id: "val" for r in records})
+    image = sorted((data / "png_images").glob("*.png"))[0]
+    for argv in (
+        ["tune", str(run), "--data", str(data)],
+        ["evaluate", str(run), "--data", str(data), "--out", str(tmp_path / "e")],
+        ["predict", str(run), str(image), "--out", str(tmp_path / "p")],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {run / 'best.ckpt'}: refusing to load: weight ") and (
+            "non-finite" in err and "\n" not in err
+        ), err
+    assert not (tmp_path / "e").exists() and not (tmp_path / "p").exists()
+    assert not (run / "thresholds.json").exists()
+
+
+def _tiny_onnx(path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    onnx.save(helper.make_model(graph, producer_name="pytorch"), str(path))
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "renamed.ckpt"])
+def test_an_onnx_file_is_named_as_such(tmp_path, name):
+    path = tmp_path / name
+    _tiny_onnx(path)
+    with pytest.raises(CheckpointError) as exc:
+        load_model(tiny_config(), path)
+    assert str(exc.value) == f"{path}: is an ONNX model, not a checkpoint (use --backend onnx)"
+
+
+def test_other_files_are_not_checkpoints(tmp_path):
+    path = tmp_path / "notes.ckpt"
+    path.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        load_model(tiny_config(), path)
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="truncated or not a checkpoint"):
+        load_model(tiny_config(), empty)
+
+
+def test_evaluate_refuses_non_finite_probabilities(tmp_path):
+    """Even a model that loads (finite weights) but outputs NaN never reaches a result."""
+    from ptxseg.data.sources import load_records
+    from ptxseg.data.synthetic import generate
+    from ptxseg.errors import PtxsegError
+    from ptxseg.evaluate import iter_predictions
+
+    class NanNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.full_like(x, float("nan"), dtype=torch.float32) + self.w
+
+    generate(tmp_path / "d", n=2, size=64, seed=0)
+    records, _ = load_records(tmp_path / "d")
+    with pytest.raises(PtxsegError, match="probabilities are not finite"):
+        list(iter_predictions(NanNet(), records, 64, workers=0))

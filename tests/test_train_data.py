@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import cv2
 import numpy as np
 import pytest
@@ -76,8 +78,10 @@ def test_prepare_writes_a_resized_png_layout_copy(tmp_path):
     records = prepare(tmp_path / "big", out, size=64, progress=False)
     assert [r.id for r in records] == [r.id for r in source]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "small"]  # no partial left
-    reread, layout = load_records(out)
-    assert layout == "png" and [r.id for r in reread] == [r.id for r in source]
+    reread, layout = load_records(out)  # through its manifest.csv: the original ids
+    assert layout == "csv" and [r.id for r in reread] == [r.id for r in source]
+    as_png, _ = load_records(out, "png")  # these ids are file-safe: the file names are the ids
+    assert [r.id for r in as_png] == [r.id for r in source]
     assert [r.has_pneumothorax for r in reread] == [r.has_pneumothorax for r in source]
     for src, dst in zip(source, reread, strict=True):
         img = cv2.imread(str(dst.image), cv2.IMREAD_UNCHANGED)
@@ -88,7 +92,11 @@ def test_prepare_writes_a_resized_png_layout_copy(tmp_path):
         original_mask = (cv2.imread(str(src.mask), cv2.IMREAD_GRAYSCALE) > 0).astype(np.uint8)
         assert np.array_equal(img, resize_to(original, 64))
         assert np.array_equal(msk // 255, resize_mask(original_mask, 64))
-    assert not (out / "manifest.csv").exists()  # no patient ids in a png-layout source
+    with (out / "manifest.csv").open(newline="") as fh:
+        manifest = list(csv.DictReader(fh))
+    assert [row["id"] for row in manifest] == [r.id for r in source]
+    assert [row["image"] for row in manifest] == [f"png_images/{r.id}.png" for r in source]
+    assert all(row["patient_id"] == "" for row in manifest)  # none in a png-layout source
     with pytest.raises(DataError, match="not empty"):
         prepare(tmp_path / "big", out, size=64, progress=False)
 
@@ -103,3 +111,41 @@ def test_prepare_refuses_images_without_ground_truth_and_writes_nothing(tmp_path
     with pytest.raises(DataError, match=r"1 record\(s\) have no ground-truth mask \(e.g. 'b'\)"):
         prepare(tmp_path / "manifest.csv", out, size=32, layout="csv", progress=False)
     assert not out.exists()
+
+
+def test_safe_name_keeps_file_safe_ids():
+    from ptxseg.data.prepare import safe_name
+
+    for ident in ("0_test_1_", "1.2.276.0.7230010.3.1.4.8323329.5797.1517875190.762694",
+                  "SiteA_3", "röntgen_7", "with space"):
+        assert safe_name(ident) == ident
+    assert safe_name("a/b\\c:d") == "a_b_c_d"
+    assert safe_name(".hidden") == "_hidden"
+    assert safe_name("x.") == "x_" and safe_name("y. ") == "y__"
+    assert safe_name("CON") == "CON_" and safe_name("nul.tar") == "nul_.tar"
+    assert safe_name("bad\udcff") == "bad_"  # a non-UTF-8 byte from a file name
+    assert safe_name("") == "image"
+
+
+def test_prepare_maps_unsafe_ids_back_through_its_manifest(tmp_path):
+    """Ids that cannot be file names (a manifest's 'a:b') get safe file names, and the copy
+    is read back with the original ids."""
+    img = np.full((40, 40), 100, np.uint8)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[5:15, 5:15] = 255
+    for name in ("a", "b"):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), img)
+        cv2.imwrite(str(tmp_path / f"{name}_m.png"), mask)
+    (tmp_path / "list.csv").write_text(
+        "id,image,mask,patient_id\nx:1,a.png,a_m.png,P1\n.y,b.png,b_m.png,P2\n"
+    )
+    out = tmp_path / "out"
+    records = prepare(tmp_path / "list.csv", out, size=32, progress=False)
+    assert [(r.id, r.image.name, r.patient_id) for r in records] == [
+        (".y", "_y.png", "P2"), ("x:1", "x_1.png", "P1")
+    ]
+    reread, layout = load_records(out)
+    assert layout == "csv"
+    assert [(r.id, r.image.name, r.patient_id, r.has_pneumothorax) for r in reread] == [
+        (".y", "_y.png", "P2", True), ("x:1", "x_1.png", "P1", True)
+    ]

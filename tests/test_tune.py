@@ -144,3 +144,17 @@ def test_search_rejects_bad_arguments():
         search(stats, objective="dice")
     with pytest.raises(ValueError, match="mode"):
         search(stats, mode="double")
+
+
+@pytest.mark.parametrize("size", [64, 128, 256, 512, 1024])
+def test_area_grid_is_the_same_fractions_of_every_input_size(size):
+    """The removal areas are the paper-sized grid (0..4096 px at 512 px) as fractions of the
+    image: 4096 px is 1/64 of a 512 px input, never a quarter of a 128 px one."""
+    from ptxseg.tune import areas_for
+
+    areas = areas_for(size)
+    assert areas_for(512) == AREAS
+    assert len(areas) == len(AREAS)
+    for a, ref in zip(areas, AREAS, strict=True):
+        assert a / size**2 == pytest.approx(ref / 512**2)
+    assert max(areas) / size**2 == pytest.approx(1 / 64)

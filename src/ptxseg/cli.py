@@ -33,6 +33,18 @@ TtaOption = Annotated[str, typer.Option("--tta", help="Test-time augmentation: n
 RunBatchOption = Annotated[
     int | None, typer.Option("--batch-size", min=1, help="Images per batch (default: the run's).")
 ]
+RleOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--rle",
+        help="Run-length CSV of a siim folder holding several (implies --layout siim).",
+    ),
+]
+
+
+def _abs(path: Path | None) -> Path | None:
+    """A path typed on the command line, made absolute (relative to the current folder)."""
+    return None if path is None else Path.cwd() / path
 
 
 def fail(message: str) -> None:
@@ -132,6 +144,7 @@ def inspect_cmd(
     data: Annotated[Path, typer.Argument(help="Dataset folder (or manifest CSV).")],
     layout: LayoutOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    rle: RleOption = None,
 ) -> None:
     """Count images, labels, sizes and lesion areas; list every problem (exit 2 if any)."""
     import json
@@ -140,13 +153,16 @@ def inspect_cmd(
     from ptxseg.progress import progress_bar
 
     if as_json:
-        report = inspect_dataset(data, layout)
+        report = inspect_dataset(data, layout, rle=_abs(rle))
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         with progress_bar(console=err_console, transient=True) as bar:
             task = bar.add_task("inspect", total=None)
             report = inspect_dataset(
-                data, layout, on_progress=lambda i, n: bar.update(task, completed=i, total=n)
+                data,
+                layout,
+                on_progress=lambda i, n: bar.update(task, completed=i, total=n),
+                rle=_abs(rle),
             )
         _print_inspect(report)
     if report.problems:
@@ -160,7 +176,9 @@ def _warnings_as_lines():
     """Show Python warnings as one yellow ``warning:`` line each (no source line)."""
 
     def show(message, category, filename, lineno, file=None, line=None):
-        err_console.print(Text.assemble(("warning: ", "bold yellow"), one_line(str(message))))
+        err_console.print(
+            Text.assemble(("warning: ", "bold yellow"), one_line(str(message))), soft_wrap=True
+        )
 
     with warnings.catch_warnings():
         warnings.simplefilter("default")
@@ -187,6 +205,7 @@ def train_cmd(
         int | None, typer.Option("--devices", min=1, help="GPUs (DDP when > 1).")
     ] = None,
     layout: Annotated[str | None, typer.Option("--layout", help=LAYOUTS)] = None,
+    rle: RleOption = None,
 ) -> None:
     """Train the U-Net (the paper's recipe by default) and write the run folder.
 
@@ -208,6 +227,8 @@ def train_cmd(
         cfg = load_config(out / "config.yaml", overrides)
     else:
         cfg = load_config(config or "paper", overrides)
+    if rle is not None:  # set after parsing: a path is not a YAML value
+        cfg.data.rle = str(_abs(rle))
     with _warnings_as_lines():
         fit(cfg, data, out, resume=resume)
     if global_rank() == 0:
@@ -223,16 +244,15 @@ def prepare_cmd(
     workers: Annotated[
         int | None, typer.Option("--workers", min=1, help="Decoding threads (default: cores).")
     ] = None,
+    rle: RleOption = None,
 ) -> None:
     """Write a pre-resized png-layout copy of a dataset (fast training input)."""
     from ptxseg.data.prepare import prepare
 
-    records = prepare(data, out, size, layout, workers=workers, progress=True)
-    extra = " (+ manifest.csv with patient ids: train with --layout csv)" if any(
-        r.patient_id for r in records
-    ) else ""
+    records = prepare(data, out, size, layout, workers=workers, progress=True, rle=_abs(rle))
     console.print(
-        f"wrote {len(records)} image/mask pairs at {size}x{size} to {out}{extra}",
+        f"wrote {len(records)} image/mask pairs at {size}x{size} to {out} (+ manifest.csv "
+        "with the original ids)",
         markup=False,
         highlight=False,
     )
@@ -266,20 +286,23 @@ def tune(
     ] = "pixel",
     tta: TtaOption = "none",
     batch_size: RunBatchOption = None,
+    rle: RleOption = None,
 ) -> None:
     """Choose the post-processing on the run's validation split; writes RUN/thresholds.json."""
     from ptxseg.tune import tune_run
 
-    path, result = tune_run(
-        run,
-        data,
-        layout=layout,
-        objective=objective,  # type: ignore[arg-type]
-        mode=mode,  # type: ignore[arg-type]
-        tta=tta,
-        batch_size=batch_size,
-        progress=True,
-    )
+    with _warnings_as_lines():
+        path, result = tune_run(
+            run,
+            data,
+            layout=layout,
+            objective=objective,  # type: ignore[arg-type]
+            mode=mode,  # type: ignore[arg-type]
+            tta=tta,
+            batch_size=batch_size,
+            progress=True,
+            rle=_abs(rle),
+        )
     console.print(
         Text(f"{result.params.describe()}: {result.objective} = {result.score:.4f}", style="bold")
     )
@@ -293,7 +316,11 @@ def evaluate(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     thresholds: Annotated[
         Path | None,
-        typer.Option("--thresholds", help="Thresholds file (default: RUN/thresholds.json)."),
+        typer.Option(
+            "--thresholds",
+            help="Thresholds file (default: RUN/thresholds.json; without it: probs > 0.5, no "
+            "component removal, with a warning).",
+        ),
     ] = None,
     at: Annotated[
         str,
@@ -310,23 +337,26 @@ def evaluate(
     ] = "all",
     tta: TtaOption = "none",
     batch_size: RunBatchOption = None,
+    rle: RleOption = None,
 ) -> None:
     """Evaluate a run: metrics.json, per_image.csv, confusion matrix, overlays, report.html."""
     from ptxseg.evaluate import evaluate_run
     from ptxseg.report import metrics_table
 
-    metrics = evaluate_run(
-        run,
-        data,
-        out,
-        thresholds=thresholds,
-        at=at,
-        layout=layout,
-        split=split,
-        tta=tta,
-        batch_size=batch_size,
-        progress=True,
-    )
+    with _warnings_as_lines():
+        metrics = evaluate_run(
+            run,
+            data,
+            out,
+            thresholds=thresholds,
+            at=at,
+            layout=layout,
+            split=split,
+            tta=tta,
+            batch_size=batch_size,
+            progress=True,
+            rle=_abs(rle),
+        )
     console.print(metrics_table(metrics))
     console.print(Text(f"wrote {out}/ (metrics.json, per_image.csv, report.html, ...)"))
 

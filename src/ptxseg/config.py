@@ -28,6 +28,11 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     workers: int | None = Field(None, ge=0, description="DataLoader workers; null = auto")
     layout: Literal["auto", "png", "siim", "ptx498", "csv"] = "auto"
+    rle: str | None = Field(
+        None,
+        description="run-length CSV of a siim dataset with several (relative: from the dataset "
+        "folder); null = the folder's own",
+    )
 
     @field_validator("size")
     @classmethod

@@ -9,10 +9,20 @@ resized (nearest), as the paper did.
 
 Outputs in ``out``: ``metrics.json`` (deterministic: same inputs, same bytes), ``per_image.csv``,
 ``confusion_matrix.png``, ``overlays/{best,worst,random}.png`` and ``report.html``.
+
+Thresholds follow the one rule of :func:`ptxseg.postprocess.resolve_thresholds` (shared with
+predict): ``--thresholds FILE``, else ``RUN/thresholds.json``, else the default rule with a
+warning; ``metrics.json`` records ``thresholds_source``. ``max_prob`` (per_image.csv, the
+detection AUC) is the maximum of the probability map at MODEL resolution, before any resize,
+as in predict's results.csv. ``n_train_ids`` counts the evaluated images that are in the run's
+training split (``split.csv``); evaluating ``--split all`` on them warns (use ``--split val``).
+Warnings are Python warnings (the CLI shows each as one yellow line).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +37,15 @@ from ptxseg.data.records import Record
 from ptxseg.errors import DataError, PtxsegError, RunDirError
 from ptxseg.fileio import csv_text, write_json, write_text
 from ptxseg.metrics import ImageStats, image_stats, summarize
-from ptxseg.postprocess import PostParams, area_scale, binarize, load_params, with_model_size
+from ptxseg.postprocess import (
+    DEFAULT_SOURCE,
+    PostParams,
+    area_scale,
+    binarize,
+    default_rule_warning,
+    resolve_thresholds,
+    with_model_size,
+)
 from ptxseg.progress import progress_bar
 
 AT = ("native", "model")
@@ -52,27 +70,46 @@ def open_run(run: str | Path, which: str = "best") -> tuple[torch.nn.Module, Con
     return prepare_model(model, pick_device("auto")), cfg
 
 
-def recorded_data(run: Path) -> tuple[Path | None, str | None]:
-    """The dataset a run was trained on, if the run folder records it (``data.json`` with
-    ``root``/``path`` and ``layout``)."""
+def recorded_dataset(run: Path) -> tuple[Path | None, str | None, Path | None]:
+    """(root, layout, run-length CSV) of the dataset a run was trained on, as far as the run's
+    ``data.json`` records them (keys ``root``/``path``, ``layout``, ``rle``; ``None`` for what
+    it does not say)."""
     import json
 
     info = run / "data.json"
     if not info.exists():
-        return None, None
+        return None, None, None
     try:
         obj = json.loads(info.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunDirError(f"{info}: cannot read ({exc})") from None
+    if not isinstance(obj, dict):
+        raise RunDirError(f"{info}: cannot read (not a JSON object)")
     root = obj.get("root") or obj.get("path") or obj.get("data")
-    return (Path(root) if root else None), obj.get("layout")
+    rle = obj.get("rle")
+    return (Path(root) if root else None), obj.get("layout"), (Path(rle) if rle else None)
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def run_split_records(
-    run: Path, data: str | Path | None, layout: str = "auto", split: str = "val"
+    run: Path,
+    data: str | Path | None,
+    layout: str = "auto",
+    split: str = "val",
+    rle: str | Path | None = None,
 ) -> tuple[list[Record], Path, str]:
     """Records of ``data`` (default: the run's recorded dataset), restricted to one side of the
     run's ``split.csv`` unless ``split == "all"``. Every record must have a ground truth.
+
+    ``rle`` picks the run-length CSV of a siim folder (``--rle``); without it, the CSV the run
+    recorded in ``data.json`` is used when ``data`` is the recorded dataset, else the folder's
+    own (see :func:`ptxseg.data.sources.find_rle_csv`).
 
     Returns:
         records (sorted by id), the dataset root, the layout used.
@@ -81,17 +118,21 @@ def run_split_records(
 
     if split not in SPLITS:
         raise PtxsegError(f"--split: unknown '{split}' (valid: {', '.join(SPLITS)})")
+    rec_root, rec_layout, rec_rle = recorded_dataset(run)
     if data is None:
-        root, rec_layout = recorded_data(run)
-        if root is None:
+        if rec_root is None:
             raise RunDirError(
                 f"{run}: the run does not record its dataset; pass --data DATA"
             )
-        if layout == "auto" and rec_layout:
-            layout = rec_layout
+        root = rec_root
     else:
         root = Path(data)
-    records, used = load_records(root, layout)
+    same = rec_root is not None and _same_path(root, rec_root)
+    if same and layout == "auto" and rec_layout:
+        layout = rec_layout
+    if rle is None and same and rec_rle is not None and layout in ("auto", "siim"):
+        rle = rec_rle
+    records, used = load_records(root, layout, rle=rle)
     if split != "all":
         from ptxseg.data.split import read_split
 
@@ -129,7 +170,8 @@ def run_split_records(
 
 @dataclass
 class Prediction:
-    """One image's probabilities and ground truth at the comparison resolution.
+    """One image's probabilities and ground truth at the comparison resolution; ``max_prob``
+    is the maximum of the probability map at model resolution (whatever ``at`` is).
 
     Shape:
         - probs: ``(H, W)`` float32 in [0, 1]
@@ -182,6 +224,12 @@ def iter_predictions(
             record = records[item.index]
             if probs is None:
                 raise PtxsegError(item.error or f"{item.path}: cannot read image")
+            max_prob = float(probs.max())  # model resolution, as predict's (NaN propagates)
+            if not math.isfinite(max_prob):
+                raise PtxsegError(
+                    f"{item.path}: the model's probabilities are not finite (NaN or inf); "
+                    "nothing is written from them"
+                )
             gt = read_mask(record.mask, (item.height, item.width))
             if at == "native":
                 out = probs_to_native(probs, item.height, item.width)
@@ -189,8 +237,19 @@ def iter_predictions(
                 out = probs
                 if gt.shape != (size, size):
                     gt = cv2.resize(gt, (size, size), interpolation=cv2.INTER_NEAREST)
-            yield Prediction(record, out, gt, float(probs.max()), item.image)
+            yield Prediction(record, out, gt, max_prob, item.image)
             bar.advance(task)
+
+
+def count_train_ids(run: Path, records: Sequence[Record]) -> int | None:
+    """How many of ``records`` are in the run's training split (``None``: no split.csv)."""
+    from ptxseg.data.split import read_split
+
+    path = run / "split.csv"
+    if not path.exists():
+        return None
+    assignment = read_split(path)
+    return sum(1 for r in records if assignment.get(r.id) == "train")
 
 
 def postprocess(pred: Prediction, params: PostParams) -> np.ndarray:
@@ -266,6 +325,7 @@ def evaluate_run(
     batch_size: int | None = None,
     n_overlay: int = 8,
     progress: bool = False,
+    rle: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run on a dataset and write every output into ``out``.
 
@@ -274,7 +334,9 @@ def evaluate_run(
             ``thresholds`` is given; ``metrics.csv`` is plotted in the report when present).
         data: dataset folder, any layout.
         out: output folder (created).
-        thresholds: a thresholds file (default ``RUN/thresholds.json``).
+        thresholds: a thresholds file (must exist); default ``RUN/thresholds.json``, and
+            without that the default rule (``probs > 0.5``, no component removal) with a
+            warning (:func:`ptxseg.postprocess.resolve_thresholds`).
         at: ``native`` (default) or ``model`` resolution for the comparison.
         layout: dataset layout, ``auto`` detects.
         split: ``all`` images of ``data``, or only the run's ``val``/``train`` ids (split.csv).
@@ -282,9 +344,14 @@ def evaluate_run(
         batch_size: prediction batch size (default: the run's).
         n_overlay: cases per overlay grid.
         progress: show a progress bar.
+        rle: the run-length CSV of a siim folder (``--rle``).
 
     Returns:
         the content of ``metrics.json``.
+
+    Warns:
+        UserWarning: no thresholds file (the default rule is used); ``split="all"`` includes
+            images of the run's training split.
     """
     from ptxseg import report
     from ptxseg.inference import check_tta
@@ -297,16 +364,25 @@ def evaluate_run(
     check_tta(tta)
     if not run.is_dir():
         raise RunDirError(f"{run}: run folder not found")
-    thresholds_path = Path(thresholds) if thresholds is not None else run / "thresholds.json"
-    if thresholds is None and not thresholds_path.exists():
-        raise RunDirError(
-            f"{thresholds_path}: missing; run `ptxseg tune {run}` first or pass --thresholds FILE"
-        )
-    params = load_params(thresholds_path)
+    params, source = resolve_thresholds(run, thresholds)
+    thresholds_path = None if source == DEFAULT_SOURCE else Path(source)
     model, cfg = open_run(run)
-    records, root, used_layout = run_split_records(run, data, layout, split)
+    records, root, used_layout = run_split_records(run, data, layout, split, rle)
     size = cfg.data.size
-    params = with_model_size(params, size)  # a file without "size": areas at model resolution
+    if thresholds_path is None:
+        warnings.warn(default_rule_warning(run), UserWarning, stacklevel=2)
+    else:  # a file without "size": areas at model resolution
+        params = with_model_size(params, size)
+    n_train_ids = count_train_ids(run, records)
+    if split == "all" and n_train_ids:
+        warnings.warn(
+            f"{n_train_ids} of the {len(records)} images have the ids of the run's training "
+            f"images ({run / 'split.csv'}): if they are the same images, their metrics are "
+            "optimistic; evaluate with --split val for the validation images only, or on data "
+            "the run never saw",
+            UserWarning,
+            stacklevel=2,
+        )
     predict_kw = dict(
         at=at, batch_size=batch_size or cfg.train.batch_size, workers=cfg.data.workers, tta=tta
     )
@@ -326,11 +402,13 @@ def evaluate_run(
         "per_image": summary["per_image"],
         "detection": summary["detection"],
         "thresholds": params.to_dict(),
+        "thresholds_source": source,
         "reasons": summary["reasons"],
         "compared_at": at,
         "size": size,
         "tta": tta,
         "split": split,
+        "n_train_ids": n_train_ids,
         "data": str(root),
         "layout": used_layout,
         "checkpoint": "best.ckpt",

@@ -146,9 +146,43 @@ def load_encoder_weights(net: nn.Module, path: Path) -> None:
         )
 
 
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the legacy pickle format
+
+
+def _is_onnx(path: Path, head: bytes) -> bool:
+    """An ONNX model (a ModelProto: field 1, ir_version, comes first), by name or content."""
+    if path.suffix.lower() == ".onnx":
+        return True
+    if not head.startswith(b"\x08"):
+        return False
+    try:
+        import onnx
+
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - anything that does not parse is not ONNX
+        return False
+    return len(proto.graph.node) > 0
+
+
 def _torch_load(path: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not head:
+        raise CheckpointError(f"{path}: truncated or not a checkpoint (empty file)")
+    if not head.startswith(_TORCH_MAGIC):
+        if _is_onnx(path, head):
+            raise CheckpointError(
+                f"{path}: is an ONNX model, not a checkpoint (use --backend onnx)"
+            )
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint (ptxseg checkpoints are torch.save files: "
+            "best.ckpt, last.ckpt)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -185,7 +219,12 @@ def model_state_from_checkpoint(obj: dict, path: Path) -> dict[str, torch.Tensor
 
 
 def load_model(cfg: Config, ckpt_path: str | Path) -> SegModel:
-    """Build the model of ``cfg`` and load the weights of a checkpoint into it (eval mode)."""
+    """Build the model of ``cfg`` and load the weights of a checkpoint into it (eval mode).
+
+    Raises:
+        CheckpointError: missing, truncated or unsafe file, an ONNX model, weights that do not
+            match the config, or non-finite weights (:func:`check_finite`).
+    """
     path = Path(ckpt_path)
     obj = _torch_load(path)
     state = model_state_from_checkpoint(obj, path)
@@ -207,8 +246,26 @@ def load_model(cfg: Config, ckpt_path: str | Path) -> SegModel:
             f"{len(bad)} weights of another shape, e.g. '{bad[0]}' "
             f"{tuple(state[bad[0]].shape)} vs {tuple(expected[bad[0]].shape)}"
         )
+    check_finite(state, path)
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run, a corrupt file), naming the
+    checkpoint and the first bad tensor: no stage may compute from them."""
+    for key, value in state.items():
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())
+        ):
+            n_bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(
+                f"{path}: refusing to load: weight '{key}' holds {n_bad} non-finite value"
+                f"{'s' * (n_bad != 1)} (NaN or inf; the training diverged or the file is "
+                "corrupt)"
+            )
 
 
 def load_run_model(run_dir: str | Path, which: str = "best") -> tuple[SegModel, Config]:

@@ -15,6 +15,11 @@ have been resized back to an image's native (H, W), pass ``area_scale = H*W / si
 ``thresholds.json`` keeps the paper's keys (``binary_threshold``, ``removal_area``) at the top
 level in pixel mode, plus ``mode`` and ``size``; the tuner adds ``objective``, ``score`` and the
 grid's table beside them.
+
+Which rule a run uses (:func:`resolve_thresholds`, the one rule of evaluate and predict):
+``--thresholds FILE`` when given (a missing file is an error); else ``RUN/thresholds.json``
+when the run was tuned; else :data:`DEFAULT_PARAMS` (``probs > 0.5``, no component removal)
+with the warning of :func:`default_rule_warning`, and the source recorded as ``"default"``.
 """
 
 from __future__ import annotations
@@ -91,14 +96,30 @@ class PostParams:
         return out
 
     def describe(self) -> str:
+        """The rule in words, e.g. ``probs > 0.4, remove components < 64 px (areas at 128 px)``
+        or ``probs > 0.5, no component removal``."""
         if self.mode == "pixel":
-            s = f"probs > {self.binary_threshold:g}, remove components < {self.removal_area} px"
-        else:
-            s = (
-                f"empty unless >= {self.min_area} px > {self.top_threshold:g}, "
-                f"then probs > {self.bottom_threshold:g}"
+            removal = (
+                f"remove components < {self.removal_area} px"
+                if self.removal_area > 0
+                else "no component removal"
             )
-        return s + (f" (areas at {self.size} px)" if self.size else "")
+            s = f"probs > {self.binary_threshold:g}, {removal}"
+            has_area = self.removal_area > 0
+        else:
+            gate = (
+                f">= {self.min_area} px > {self.top_threshold:g}"
+                if self.min_area > 1
+                else f"a pixel > {self.top_threshold:g}"
+            )
+            s = f"empty unless {gate}, then probs > {self.bottom_threshold:g}"
+            has_area = self.min_area > 1
+        return s + (f" (areas at {self.size} px)" if self.size and has_area else "")
+
+
+#: the rule of a run that was never tuned (no thresholds.json): evaluate and predict alike
+DEFAULT_PARAMS = PostParams(mode="pixel", binary_threshold=0.5, removal_area=0)
+DEFAULT_SOURCE = "default"
 
 
 def with_model_size(params: PostParams, size: int) -> PostParams:
@@ -199,6 +220,39 @@ def params_from_dict(obj: Any, source: str = "thresholds") -> PostParams:
         return PostParams(**kwargs)
     except ValueError as exc:
         raise DataError(source, str(exc)) from None
+
+
+def default_rule_warning(run: str | Path) -> str:
+    """The one warning of evaluate and predict when a run has no ``thresholds.json``."""
+    return (
+        f"{Path(run) / 'thresholds.json'} not found: using the default rule "
+        f"{DEFAULT_PARAMS.describe()} (run `ptxseg tune {run}` to choose them)"
+    )
+
+
+def resolve_thresholds(
+    run: str | Path, thresholds: str | Path | None = None
+) -> tuple[PostParams, str]:
+    """The post-processing rule of ``run`` and where it came from.
+
+    Args:
+        run: the run folder.
+        thresholds: an explicit thresholds file (``--thresholds FILE``); it must exist.
+
+    Returns:
+        (params, source): source is the file read, or :data:`DEFAULT_SOURCE` (``"default"``)
+        when neither ``thresholds`` nor ``RUN/thresholds.json`` exists; the caller then shows
+        :func:`default_rule_warning` (evaluate and predict say the same thing).
+
+    Raises:
+        DataError: an explicit file that is missing, or any unreadable/invalid file.
+    """
+    if thresholds is not None:
+        return load_params(thresholds), str(thresholds)
+    path = Path(run) / "thresholds.json"
+    if path.exists():
+        return load_params(path), str(path)
+    return DEFAULT_PARAMS, DEFAULT_SOURCE
 
 
 def load_params(path: str | Path) -> PostParams:

@@ -59,7 +59,15 @@ import cv2
 import numpy as np
 
 from ptxseg.errors import DataError, PtxsegError, one_line
-from ptxseg.postprocess import PostParams, area_scale, binarize, load_params, with_model_size
+from ptxseg.postprocess import (  # DEFAULT_PARAMS: re-exported for callers of predict
+    DEFAULT_PARAMS,  # noqa: F401
+    PostParams,
+    area_scale,
+    binarize,
+    default_rule_warning,
+    resolve_thresholds,
+    with_model_size,
+)
 from ptxseg.progress import progress_bar
 from ptxseg.report import shrink_to
 
@@ -76,7 +84,6 @@ RESULTS_COLUMNS = (
     "status",
 )
 KAGGLE_COLUMNS = ("ImageId", "EncodedPixels")
-DEFAULT_PARAMS = PostParams(mode="pixel", binary_threshold=0.5, removal_area=0)
 OVERLAY_MAX_SIDE = 1024  # overlays are for looking at; masks keep the full native size
 OVERLAY_ALPHA = 0.35
 OVERLAY_BGR = (40, 40, 255)  # red, as the prediction contours of the evaluation report
@@ -264,20 +271,6 @@ def collect_inputs(inputs: Sequence[str | Path], *, exclude: Sequence[Path] = ()
 # thresholds and backends
 
 
-def resolve_params(run: Path, thresholds: Path | None) -> tuple[PostParams, str]:
-    """The post-processing rule and where it came from (a path, or ``"default"``).
-
-    ``--thresholds FILE`` must exist; without it ``RUN/thresholds.json`` is used when present,
-    else :data:`DEFAULT_PARAMS` (the caller warns).
-    """
-    if thresholds is not None:
-        return load_params(thresholds), str(thresholds)
-    path = Path(run) / "thresholds.json"
-    if path.exists():
-        return load_params(path), str(path)
-    return DEFAULT_PARAMS, "default"
-
-
 @dataclass
 class Backend:
     """A loaded model: ``model`` is a torch module or an :class:`~ptxseg.export.OnnxModel`."""
@@ -451,7 +444,7 @@ def _finish(item, probs: np.ndarray, post: _Post) -> ImageResult:
         has_pneumothorax=area > 0,
         area_px=area,
         area_fraction=area / float(h * w),
-        max_prob=float(native.max()),
+        max_prob=float(probs.max()),  # at model resolution, as evaluate's per_image.csv
     )
     if post.kaggle:
         result.kaggle_id = kaggle_image_id(Path(item.path), item.id)
@@ -656,7 +649,7 @@ def predict(
     if batch_size is not None and batch_size < 1:
         raise PtxsegError(f"--batch-size: must be at least 1 (got {batch_size})")
     collected = collect_inputs(inputs, exclude=[out])
-    params, source = resolve_params(run, Path(thresholds) if thresholds else None)
+    params, source = resolve_thresholds(run, Path(thresholds) if thresholds else None)
     model = open_backend(
         run,
         backend,
@@ -671,8 +664,7 @@ def predict(
         console.print(f"note: {one_line(note)}", highlight=False, markup=False, soft_wrap=True)
     if source == "default":
         console.print(
-            f"[yellow]warning:[/] {escape(str(run / 'thresholds.json'))} not found (run "
-            f"`ptxseg tune RUN`): using the default rule, {DEFAULT_PARAMS.describe()}",
+            f"[yellow]warning:[/] {escape(one_line(default_rule_warning(run)))}",
             highlight=False,
             soft_wrap=True,
         )

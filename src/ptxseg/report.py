@@ -282,7 +282,21 @@ body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#22
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px}
 td:nth-child(3){text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;border:1px solid #eee}.muted{color:#777}code{background:#f4f4f4}
+.warn{color:#8a5300;background:#fff6e0;padding:4px 8px}
 """
+
+
+def _train_ids_note(metrics: dict[str, Any], run: Path) -> list[str]:
+    """A warning paragraph when evaluated images are in the run's training split."""
+    n = metrics.get("n_train_ids")
+    if not n:
+        return []
+    return [
+        f"<p class='warn'>{n:,} of the {metrics['n_images']:,} images (n_train_ids) have the "
+        f"ids of the run's training images (<code>{html.escape(str(run / 'split.csv'))}</code>)"
+        ": if they are the same images, their metrics are optimistic. Evaluate with "
+        "<code>--split val</code> for the validation images only.</p>"
+    ]
 
 
 def write_report(
@@ -311,6 +325,7 @@ def write_report(
         f"Compared at {e(str(metrics.get('compared_at', '')))} resolution "
         f"(model {e(str(metrics.get('size', '')))} px), TTA {e(str(metrics.get('tta', '')))}."
         "</p>",
+        *_train_ids_note(metrics, run),
         "<h2>Metrics</h2>",
         "<p class='muted'>pooled: one confusion matrix over all pixels of all images (the "
         "paper's metrics). per_image: SIIM-ACR mean Dice (an empty prediction on an empty mask "
@@ -332,7 +347,13 @@ def write_report(
     th = metrics.get("thresholds", {})
     parts.append(_table(["parameter", "value"], [[k, _fmt(v)] for k, v in th.items()]))
     thr_obj: dict[str, Any] = {}
-    if thresholds_path is not None and thresholds_path.exists():
+    if metrics.get("thresholds_source") == "default":
+        parts.append(
+            f"<p class='warn'>Default rule: {e(str(run / 'thresholds.json'))} not found (the run "
+            "was not tuned), so thresholds_source is <code>default</code>: probs &gt; 0.5, no "
+            f"component removal. Run <code>ptxseg tune {e(str(run))}</code> to choose them.</p>"
+        )
+    elif thresholds_path is not None and thresholds_path.exists():
         try:
             thr_obj = json.loads(thresholds_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -345,6 +366,9 @@ def write_report(
                 "validation images"
             )
         parts.append(".</p>")
+        notes = thr_obj.get("warnings") if isinstance(thr_obj, dict) else None
+        for note in notes if isinstance(notes, list) else []:
+            parts.append(f"<p class='warn'>Tuning: {e(str(note))}</p>")
     grid = grid_figure(thr_obj)
     if grid is not None:
         parts.append(_img(_data_uri_png(grid), "grid search"))

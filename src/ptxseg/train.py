@@ -594,7 +594,7 @@ def fit(
         RunDirError: ``out`` exists without ``resume``, or cannot be resumed.
         DataError: unusable dataset; TrainingError: the loss became NaN.
     """
-    from ptxseg.data.sources import load_records
+    from ptxseg.data.sources import load_records, rle_csv_used
     from ptxseg.data.split import make_split, read_split, write_split
 
     out, data = Path(out), Path(data)
@@ -602,7 +602,7 @@ def fit(
     last = _check_resume(cfg, out) if resume else None
     if not resume and rank == 0:
         _check_new_run(out)
-    records, layout = load_records(data, cfg.data.layout)
+    records, layout = load_records(data, cfg.data.layout, rle=cfg.data.rle)
     if resume:
         split_path = out / "split.csv"
         assignment = read_split(split_path)
@@ -635,7 +635,11 @@ def fit(
         save_config(cfg, out / "config.yaml")
         write_split(out / "split.csv", records, assignment)
         # the dataset, so `ptxseg tune RUN` finds the validation images without --data
-        write_json(out / "data.json", {"root": str(data.resolve()), "layout": layout})
+        rle = rle_csv_used(data, layout, cfg.data.rle)
+        write_json(
+            out / "data.json",
+            {"root": str(data.resolve()), "layout": layout, "rle": rle and str(rle)},
+        )
     if progress and rank == 0:
         _announce(cfg, accelerator, layout, len(train_recs), len(val_recs), out, last)
     try:

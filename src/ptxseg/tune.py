@@ -12,10 +12,22 @@ the maps. The column ``a = 0`` holds the counts above each threshold, which is a
 triplet rule needs.
 
 Memory is therefore ``O(images x thresholds x areas)`` integers, not ``O(images x pixels)``.
+
+The removal areas are the same FRACTIONS of the image at every model size: :data:`AREAS`
+(0-4096 px) are pixels of a :data:`AREA_REFERENCE_SIZE` (512 px) input, and
+:func:`areas_for` scales them to the run's ``data.size`` (0, 16, 32, 64, 128, 256 px at 128 px),
+so the grid never removes a quarter of a small input. ``thresholds.json`` records the grid
+used (``area_grid``).
+
+Warnings (Python warnings; the CLI shows each as one yellow line, and ``thresholds.json`` keeps
+them under ``warnings``): the chosen rule's pooled IoU on the validation split is below
+:data:`NEAR_ZERO` (the model finds almost nothing: the thresholds are not meaningful), or the
+Kaggle objective is tuned on a validation split without any pneumothorax.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,9 +42,21 @@ from ptxseg.postprocess import CONNECTIVITY, MODES, PostParams, save_params
 THRESHOLDS: tuple[float, ...] = (0.01, 0.02, 0.03, 0.04) + tuple(
     round(0.05 * i, 2) for i in range(1, 20)
 )
-#: small-component removal areas, pixels at model resolution
+#: small-component removal areas, pixels of an ``AREA_REFERENCE_SIZE`` px input (scaled to the
+#: model's input by :func:`areas_for`)
 AREAS: tuple[int, ...] = (0, 256, 512, 1024, 2048, 4096)
+AREA_REFERENCE_SIZE = 512
 OBJECTIVES = ("iou", "kaggle")
+#: below this pooled IoU on the validation split the chosen rule is not meaningful
+NEAR_ZERO = 0.05
+
+
+def areas_for(size: int) -> tuple[int, ...]:
+    """The removal-area grid in pixels of a ``size`` x ``size`` model input: :data:`AREAS` as
+    the same fractions of the image (``AREAS * size**2 / 512**2``, rounded; duplicates
+    dropped). At 512 px it is :data:`AREAS` itself."""
+    scale = (size * size) / float(AREA_REFERENCE_SIZE * AREA_REFERENCE_SIZE)
+    return tuple(dict.fromkeys(int(round(a * scale)) for a in AREAS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +235,50 @@ def search(
     return TuneResult(params, objective, score, columns, rows)
 
 
+def chosen_counts(stats: GridStats, params: PostParams) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted area and true positives of each image under ``params`` (a grid point).
+
+    Shape:
+        - pred, tp: ``(N,)`` int64
+    """
+    pred, tp, _ = stats.arrays()
+    th = list(stats.thresholds)
+    if params.mode == "pixel":
+        i, j = th.index(params.binary_threshold), list(stats.areas).index(params.removal_area)
+        return pred[:, i, j], tp[:, i, j]
+    a0 = list(stats.areas).index(0)
+    i, k = th.index(params.top_threshold), th.index(params.bottom_threshold)
+    n_top = pred[:, i, a0]
+    positive = (n_top > 0) & (n_top >= params.min_area)
+    return np.where(positive, pred[:, k, a0], 0), np.where(positive, tp[:, k, a0], 0)
+
+
+def pooled_iou(stats: GridStats, params: PostParams) -> float | None:
+    """Pooled IoU of ``params`` over the images of ``stats`` (``None`` without any lesion)."""
+    pred, tp = chosen_counts(stats, params)
+    true = int(np.sum(stats.true_area))
+    union = int(pred.sum()) + true - int(tp.sum())
+    return None if true == 0 else int(tp.sum()) / union
+
+
+def tune_warnings(stats: GridStats, result: TuneResult, n_positive: int) -> list[str]:
+    """What a user must know about a tuning result (empty when nothing is wrong)."""
+    if n_positive == 0:
+        return [
+            f"the validation split ({len(stats)} images) has no pneumothorax: the "
+            f"{result.objective} objective can only reward empty masks there; the chosen "
+            "thresholds are not meaningful"
+        ]
+    iou = pooled_iou(stats, result.params)
+    if iou is not None and iou < NEAR_ZERO:
+        what = "best pooled IoU" if result.objective == "iou" else "pooled IoU of the chosen rule"
+        return [
+            f"the model finds almost nothing on the validation split ({what} {iou:.3f}); the "
+            "chosen thresholds are not meaningful"
+        ]
+    return []
+
+
 # ---------------------------------------------------------------------------------------------
 # the command
 
@@ -225,8 +293,12 @@ def tune_run(
     batch_size: int | None = None,
     tta: str = "none",
     progress: bool = False,
+    rle: str | Path | None = None,
 ) -> tuple[Path, TuneResult]:
     """Predict the run's validation split once and write ``RUN/thresholds.json``.
+
+    The removal areas searched are :func:`areas_for` the run's input size (recorded in
+    ``thresholds.json`` as ``area_grid``).
 
     Args:
         run: a run folder (``config.yaml``, ``best.ckpt``, ``split.csv``).
@@ -237,9 +309,13 @@ def tune_run(
         batch_size: prediction batch size (default: the run's training batch size).
         tta: ``none`` or ``hflip``; recorded in thresholds.json.
         progress: show a progress bar.
+        rle: the run-length CSV of a siim folder (``--rle``; default: the run's recorded one).
 
     Returns:
         the path written and the search result.
+
+    Warns:
+        UserWarning: see :func:`tune_warnings` (also written to ``thresholds.json``).
     """
     from ptxseg.errors import PtxsegError
     from ptxseg.evaluate import iter_predictions, open_run, run_split_records
@@ -252,9 +328,9 @@ def tune_run(
     check_tta(tta)
     run = Path(run)
     model, cfg = open_run(run)
-    records, data_root, used_layout = run_split_records(run, data, layout, split="val")
+    records, data_root, used_layout = run_split_records(run, data, layout, split="val", rle=rle)
     size = cfg.data.size
-    stats = GridStats()
+    stats = GridStats(areas=areas_for(size))
     for pred in iter_predictions(
         model,
         records,
@@ -273,6 +349,7 @@ def tune_run(
             "pooled IoU is undefined for every threshold; use --objective kaggle"
         )
     result = search(stats, mode=mode, objective=objective, size=size)
+    notes = tune_warnings(stats, result, n_positive)
     extra = {
         "objective": result.objective,
         "score": result.score,
@@ -281,8 +358,17 @@ def tune_run(
         "data": str(data_root),
         "layout": used_layout,
         "tta": tta,
+        "warnings": notes,
+        "area_grid": {
+            "areas": list(stats.areas),
+            "size": size,
+            "rule": f"removal areas {', '.join(map(str, AREAS))} px of a "
+            f"{AREA_REFERENCE_SIZE} px input, as the same fractions of this {size} px input",
+        },
         "grid": {"columns": result.columns, "rows": result.rows},
     }
     out = run / "thresholds.json"
     save_params(result.params, out, extra=extra)
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
     return out, result

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ptxseg.data.records import Record, RleMask
-from ptxseg.data.rle import MAX_PIXELS, decode_rows
+from ptxseg.data.rle import MAX_PIXELS, decode_mask
 from ptxseg.errors import DataError
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
@@ -349,7 +349,7 @@ def read_mask(mask: Path | str | RleMask, shape: tuple[int, int]) -> np.ndarray:
     """
     h, w = int(shape[0]), int(shape[1])
     if isinstance(mask, RleMask):
-        return decode_rows(mask.rles, h, w, source=mask.source or None)
+        return decode_mask(mask, h, w)  # errors name the CSV, line and ImageId
     if mask is None:
         raise ValueError("read_mask: this record has no ground truth (mask is None)")
     raw = read_mask_raw(mask)

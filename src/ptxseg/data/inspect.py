@@ -151,6 +151,7 @@ def inspect_dataset(
     *,
     workers: int = 4,
     on_progress: Callable[[int, int], None] | None = None,
+    rle: str | Path | None = None,
 ) -> InspectReport:
     """Read every image and mask of a dataset and report counts, properties and problems.
 
@@ -159,12 +160,13 @@ def inspect_dataset(
         layout: ``auto`` or a layout name (see :mod:`ptxseg.data.sources`).
         workers: reading threads.
         on_progress: called with (done, total) after each record.
+        rle: the run-length CSV of a siim folder (``--rle``).
 
     Raises:
         DataError: only when the dataset cannot be listed at all (missing/empty folder,
             unknown layout, unusable CSV); everything else is a reported problem.
     """
-    found = scan(root, layout, labels=False)
+    found = scan(root, layout, labels=False, rle=rle)
     records = found.records
     problems = list(found.problems)
     checked: list[_Checked] = []

@@ -7,9 +7,13 @@ at training time (:func:`ptxseg.inference.resize_to`), masks with
 :func:`ptxseg.data.dataset.resize_mask` (aligned with their image). Training on the copy gives
 the same model inputs as training on the original, minus the decoding cost.
 
-Patient ids (SIIM DICOM headers, manifest CSVs) cannot live in the png layout; when the input
-has them, ``manifest.csv`` (columns ``id,image,mask,patient_id``) is written as well: train
-with ``--layout csv`` on the copy to keep the patient-grouped split.
+Ids stay stable: the copy holds ``manifest.csv`` (columns ``id,image,mask,patient_id``) with
+each record's ORIGINAL id (and its patient id, where the input has one), and ``--layout auto``
+reads a folder with ``png_images/`` + ``manifest.csv`` through that manifest, so a run trained
+on the copy has the same ids in its ``split.csv`` as the original dataset (``evaluate --split
+val`` works on either). File names are the ids themselves whenever they are safe as file names
+on Linux, macOS and Windows (:func:`safe_name`: every real SIIM name such as ``0_train_0_`` and
+every SOPInstanceUID is); only unsafe characters are replaced, and the manifest maps them back.
 
 The copy is built in a hidden sibling folder and renamed to ``out`` at the end, so an
 interrupted run leaves no half dataset.
@@ -33,12 +37,28 @@ from ptxseg.fileio import write_csv, write_png
 from ptxseg.inference import resize_to
 from ptxseg.progress import progress_bar
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# path separators, characters Windows refuses, control characters, and lone surrogates (a
+# non-UTF-8 byte in a file name) that no UTF-8 CSV can hold
+_UNSAFE = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f\ud800-\udfff]+')
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+             *(f"LPT{i}" for i in range(1, 10))}
 
 
 def safe_name(ident: str) -> str:
-    """A record id as a file stem (``/``, spaces and other specials -> ``_``)."""
-    return _UNSAFE.sub("_", ident).strip("._") or "image"
+    """A record id as a portable file stem: the id itself when it is safe; else path
+    separators, ``:*?"<>|``, control characters and undecodable bytes become ``_``, a leading
+    dot (a hidden file) and trailing dots/spaces (dropped by Windows) are replaced, and Windows
+    device names (``CON``, ``nul.x``...) get a ``_`` after the name. Non-ASCII letters are kept."""
+    name = _UNSAFE.sub("_", ident)
+    if name.startswith("."):
+        name = "_" + name[1:]
+    stripped = name.rstrip(". ")
+    if stripped != name:
+        name = stripped + "_" * (len(name) - len(stripped))
+    base, dot, rest = name.partition(".")
+    if base.upper() in _RESERVED:  # Windows reserves NUL and NUL.anything
+        name = f"{base}_{dot}{rest}"
+    return name or "image"
 
 
 def _prepare_one(rec: Record, name: str, tmp: Path, size: int) -> None:
@@ -58,6 +78,7 @@ def prepare(
     workers: int | None = None,
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    rle: str | Path | None = None,
 ) -> list[Record]:
     """Write a ``size`` x ``size`` png-layout copy of the dataset ``data`` into ``out``.
 
@@ -69,9 +90,10 @@ def prepare(
         workers: decoding threads (default: CPU cores, at most 8).
         progress: show a rich progress bar.
         on_progress: called with (done, total) after each image.
+        rle: the run-length CSV of a siim folder holding several (``--rle``).
 
     Returns:
-        the records of the copy (sorted by id).
+        the records of the copy (sorted by id; the original ids).
 
     Raises:
         DataError: unusable dataset, an image without ground truth, an unreadable file (named),
@@ -84,8 +106,15 @@ def prepare(
         raise DataError(None, f"--size must be in 32..4096, got {size}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(out, "output folder exists and is not empty (refusing to mix datasets)")
-    records, _layout = load_records(data, layout)
+    records, _layout = load_records(data, layout, rle=rle)
     require_ground_truth(records, data, "prepare writes training pairs")
+    for rec in records:  # manifest.csv is UTF-8: an id from a non-UTF-8 file name cannot go in
+        try:
+            rec.id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(
+                rec.image, "the id is not valid UTF-8 (rename the file to keep its id)"
+            ) from None
     names = [safe_name(r.id) for r in records]
     seen: dict[str, str] = {}
     for rec, name in zip(records, names, strict=True):
@@ -108,8 +137,7 @@ def prepare(
                 zip(records, names, strict=True),
             )
             _drain(jobs, len(records), progress, on_progress)
-        if any(r.patient_id for r in records):
-            _write_manifest(tmp / "manifest.csv", records, names)
+        _write_manifest(tmp / "manifest.csv", records, names)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
@@ -118,13 +146,13 @@ def prepare(
         raise
     return [
         Record(
-            name,
+            rec.id,
             out / "png_images" / f"{name}.png",
             out / "png_masks" / f"{name}.png",
             rec.has_pneumothorax,
             rec.patient_id,
         )
-        for rec, name in sorted(zip(records, names, strict=True), key=lambda rn: rn[1])
+        for rec, name in zip(records, names, strict=True)  # sorted by id (load_records)
     ]
 
 
@@ -138,10 +166,10 @@ def _drain(jobs, total: int, progress: bool, on_progress) -> None:
 
 
 def _write_manifest(path: Path, records: list[Record], names: list[str]) -> None:
-    pairs = sorted(zip(records, names, strict=True), key=lambda rn: rn[1])
+    """``manifest.csv``: the original id of each pair (sorted by id), its files and patient."""
     write_csv(
         path,
         ["id", "image", "mask", "patient_id"],
-        ([name, f"png_images/{name}.png", f"png_masks/{name}.png", rec.patient_id or ""]
-         for rec, name in pairs),
+        ([rec.id, f"png_images/{name}.png", f"png_masks/{name}.png", rec.patient_id or ""]
+         for rec, name in zip(records, names, strict=True)),
     )

@@ -11,10 +11,18 @@ from ptxseg.errors import DataError
 
 @dataclass(frozen=True)
 class RleMask:
-    """A mask given as SIIM run-length rows (one per lesion, OR-ed); empty tuple = no lesion."""
+    """A mask given as SIIM run-length rows (one per lesion, OR-ed); empty tuple = no lesion.
+
+    Args:
+        rles: the ``EncodedPixels`` rows.
+        source: the CSV they came from; ``lines``: each row's line in it; ``image_id``: their
+            ImageId (all three name a row that cannot be decoded).
+    """
 
     rles: tuple[str, ...]
-    source: str = ""  # the CSV it came from, for error messages
+    source: str = ""
+    lines: tuple[int, ...] = ()
+    image_id: str = ""
 
 
 @dataclass(frozen=True)

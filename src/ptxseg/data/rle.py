@@ -9,8 +9,11 @@ no lesion. An image with several lesions has several rows, whose masks are OR-ed
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from ptxseg.data.records import RleMask
 from ptxseg.errors import DataError
 
 MAX_PIXELS = 1 << 28  # refuse to allocate masks claiming more pixels than this (256 Mpx)
@@ -101,11 +104,47 @@ def decode(rle: str, height: int, width: int, *, source: str | None = None) -> n
     return flat.reshape(width, height).T.copy()
 
 
-def decode_rows(rles, height: int, width: int, *, source: str | None = None) -> np.ndarray:
-    """OR together the masks of several run-length rows (one per lesion)."""
+def decode_rows(
+    rles,
+    height: int,
+    width: int,
+    *,
+    source: str | None = None,
+    lines: Sequence[int] = (),
+    image_id: str = "",
+) -> np.ndarray:
+    """OR together the masks of several run-length rows (one per lesion).
+
+    Args:
+        source: the CSV the rows came from; ``lines``: the line of each row in it (same order
+            as ``rles``); ``image_id``: their ImageId. An error names all three where known:
+            ``train-rle.csv: line 7 (ImageId 1.2.3): run-length row has ...``.
+    """
     check_size(height, width, source)
     mask = np.zeros((height, width), dtype=np.uint8)
-    for rle in rles:
-        if not is_empty(rle):
+    for k, rle in enumerate(rles):
+        if is_empty(rle):
+            continue
+        try:
             mask |= decode(rle, height, width, source=source)
+        except DataError as exc:
+            where = [f"line {lines[k]}"] if k < len(lines) else []
+            if image_id:
+                where.append(f"ImageId {image_id}")
+            if not where:
+                raise
+            raise DataError(exc.path, f"{', '.join(where)}: {exc.problem}") from None
     return mask
+
+
+def decode_mask(mask: RleMask, height: int, width: int) -> np.ndarray:
+    """Decode an :class:`~ptxseg.data.records.RleMask` at (height, width), errors naming its
+    CSV, line and ImageId."""
+    return decode_rows(
+        mask.rles,
+        height,
+        width,
+        source=mask.source or None,
+        lines=mask.lines,
+        image_id=mask.image_id,
+    )

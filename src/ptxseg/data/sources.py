@@ -10,9 +10,12 @@ Layouts (``layout=`` / ``--layout``):
     The SIIM-ACR challenge layout: ``.dcm`` files at any depth + one run-length CSV
     (``stage_2_train.csv`` preferred, then ``train-rle.csv``, else the only ``*.csv`` with the
     columns ``ImageId,EncodedPixels`` or ``fname,mask``; leading spaces and a UTF-8 BOM are
-    fine). Record id = the DICOM SOPInstanceUID (the CSV's ImageId); patient id = PatientID.
-    ``-1`` means no lesion; several rows for one image are OR-ed. An image absent from the
-    CSV has no ground truth (mask ``None``).
+    fine). When a folder holds several such CSVs, pick one with ``rle=`` (``--rle FILE``, config
+    ``data.rle``; a relative path is taken from the dataset folder); an ``rle`` with layout
+    ``auto`` means ``siim``. Record id = the DICOM SOPInstanceUID (the CSV's ImageId); patient
+    id = PatientID. ``-1`` means no lesion; several rows for one image are OR-ed. An image
+    absent from the CSV has no ground truth (mask ``None``). Each run-length row keeps its CSV
+    line number, so a row that cannot be decoded is named by file, line and ImageId.
 ``ptx498``
     The PTX-498 release: ``Site*/{n}.1.img.png`` + ``{n}.2.mask.png`` (``.3.merge.png``
     overlays and ``.nii.gz`` copies are ignored). Record id = ``{site}_{n}`` (filename-safe).
@@ -29,10 +32,11 @@ Layouts (``layout=`` / ``--layout``):
     nothing else: ``~``, ``$VAR``, ``%VAR%``, globs and shell syntax are literal characters,
     never expanded, and no shell is run (docs/reliability.md).
 
-``auto`` checks in that order: ``png_images/`` -> png; ``Site*/*.1.img.png`` -> ptx498;
-``*.dcm`` anywhere -> siim; a manifest CSV -> csv. A folder holding several (like the SIIM
-sample, which has png_images/ next to dicom/ and rle/) is read as the first match; pass the
-layout explicitly to read another.
+``auto`` checks in that order: ``png_images/`` + ``manifest.csv`` (what ``ptxseg prepare``
+writes) -> csv, so a prepared copy keeps the original ids and patient ids; ``png_images/`` ->
+png; ``Site*/*.1.img.png`` -> ptx498; ``*.dcm`` anywhere -> siim; a manifest CSV -> csv. A
+folder holding several (like the SIIM sample, which has png_images/ next to dicom/ and rle/)
+is read as the first match; pass the layout explicitly to read another.
 
 Labels (``has_pneumothorax``) come from the masks themselves (a mask with any foreground
 pixel); mask files are read for that. Nothing is dropped silently: an image without its mask
@@ -98,23 +102,38 @@ def _norm(name: str) -> str:
 def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """Read a CSV (BOM and CRLF tolerated) -> (normalised column names, rows keyed by them).
 
-    Column names are stripped and lower-cased; cell values are stripped.
+    Column names are stripped and lower-cased; cell values are stripped; blank lines skipped.
     """
+    header, rows, _lines = read_csv_lines(path)
+    return header, rows
+
+
+def read_csv_lines(path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """:func:`read_csv_rows` plus the line of the file each row starts on (1 = the header's
+    line; blank lines and quoted newlines counted as in a text editor)."""
     text = read_text(path, "CSV", encoding="utf-8-sig")
+    rows, lines = [], []
     try:
         reader = csv.reader(io.StringIO(text))
-        rows = [r for r in reader if any(c.strip() for c in r)]
+        end = 0  # the line the previous row ended on
+        for r in reader:
+            start, end = end + 1, reader.line_num
+            if any(c.strip() for c in r):
+                rows.append(r)
+                lines.append(start)
     except csv.Error as exc:
         raise DataError(path, f"malformed CSV ({exc})") from None
     if not rows:
         raise DataError(path, "CSV is empty (no header)")
     header = [_norm(c) for c in rows[0]]
     out = []
-    for i, r in enumerate(rows[1:], start=2):
+    for r, line in zip(rows[1:], lines[1:], strict=True):
         if len(r) > len(header):
-            raise DataError(path, f"line {i} has {len(r)} cells but the header has {len(header)}")
+            raise DataError(
+                path, f"line {line} has {len(r)} cells but the header has {len(header)}"
+            )
         out.append({k: (r[j].strip() if j < len(r) else "") for j, k in enumerate(header)})
-    return header, out
+    return header, out, lines[1:]
 
 
 def _rle_columns(header: list[str]) -> tuple[str, str] | None:
@@ -254,8 +273,32 @@ def _scan_ptx498(root: Path, problems: list[Problem]) -> list[Record]:
     return records
 
 
-def find_rle_csv(root: Path) -> Path:
-    """The run-length CSV of a siim folder (see the module doc for the rules)."""
+def find_rle_csv(root: Path, rle: str | Path | None = None) -> Path:
+    """The run-length CSV of a siim folder (see the module doc for the rules).
+
+    Args:
+        root: the dataset folder.
+        rle: the CSV to use (``--rle FILE`` / ``data.rle``); relative paths are taken from
+            ``root``. Without it the folder is searched.
+
+    Raises:
+        DataError: ``rle`` missing or without run-length columns; no CSV found; several found
+            and none preferred (the message names ``--rle``).
+    """
+    if rle is not None:
+        path = Path(rle)
+        if not path.is_absolute():
+            path = root / path
+        if not path.is_file():
+            raise DataError(path, "run-length CSV not found (--rle / data.rle)")
+        header = _csv_header(path)
+        if not _rle_columns(header):
+            raise DataError(
+                path,
+                "not a run-length CSV (--rle / data.rle): expected columns "
+                f"ImageId,EncodedPixels or fname,mask, found {','.join(header) or 'none'}",
+            )
+        return path
     found = []
     for p in sorted(root.rglob("*.csv")):
         if _rle_columns(_csv_header(p)):
@@ -271,13 +314,22 @@ def find_rle_csv(root: Path) -> Path:
             return named[0]
     if len(found) > 1:
         listed = ", ".join(str(p.relative_to(root)) for p in found)
-        raise DataError(root, f"several run-length CSVs found ({listed}); keep only one")
+        raise DataError(
+            root,
+            f"several run-length CSVs found ({listed}); choose one with --rle FILE "
+            "(config key data.rle)",
+        )
     return found[0]
 
 
 def read_rle_csv(path: Path) -> dict[str, list[str]]:
     """ImageId -> its run-length rows (``-1`` rows dropped; an id with only ``-1`` -> [])."""
-    header, rows = read_csv_rows(path)
+    return {k: [rle for rle, _line in v] for k, v in read_rle_rows(path).items()}
+
+
+def read_rle_rows(path: Path) -> dict[str, list[tuple[str, int]]]:
+    """ImageId -> its run-length rows with their CSV line numbers (``-1`` rows dropped)."""
+    header, rows, lines = read_csv_lines(path)
     cols = _rle_columns(header)
     if cols is None:
         raise DataError(
@@ -285,23 +337,34 @@ def read_rle_csv(path: Path) -> dict[str, list[str]]:
             f"expected columns ImageId,EncodedPixels (or fname,mask), found {','.join(header)}",
         )
     id_col, rle_col = cols
-    out: dict[str, list[str]] = defaultdict(list)
-    for i, row in enumerate(rows, start=2):
+    out: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for row, line in zip(rows, lines, strict=True):
         ident = row[id_col]
         if not ident:
-            raise DataError(path, f"line {i}: empty {id_col}")
+            raise DataError(path, f"line {line}: empty {id_col}")
         rows_for_id = out[ident]
         if not is_empty(row[rle_col]):
-            rows_for_id.append(row[rle_col])
+            rows_for_id.append((row[rle_col], line))
     return dict(out)
 
 
-def _scan_siim(root: Path, problems: list[Problem]) -> list[Record]:
+def rle_csv_used(root: str | Path, layout: str, rle: str | Path | None = None) -> Path | None:
+    """The run-length CSV that ``load_records(root, layout, rle=rle)`` reads (``None`` unless
+    the layout is siim): what a run records in ``data.json`` so tune/evaluate find it again."""
+    root = Path(root)
+    if layout != "siim":
+        return None
+    return find_rle_csv(root, rle).resolve()
+
+
+def _scan_siim(
+    root: Path, problems: list[Problem], rle: str | Path | None = None
+) -> list[Record]:
     dicoms = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".dcm", ".dicom"))
     if not dicoms:
         raise DataError(root, "siim layout needs .dcm files (none found)")
-    csv_path = find_rle_csv(root)
-    rles = read_rle_csv(csv_path)
+    csv_path = find_rle_csv(root, rle)
+    rles = read_rle_rows(csv_path)
 
     def meta(p: Path):
         try:
@@ -322,7 +385,12 @@ def _scan_siim(root: Path, problems: list[Problem]) -> list[Record]:
             mask, label = None, None
         else:
             seen.add(key)
-            mask = RleMask(tuple(rles[key]), source=str(csv_path))
+            mask = RleMask(
+                tuple(r for r, _ in rles[key]),
+                source=str(csv_path),
+                lines=tuple(line for _, line in rles[key]),
+                image_id=key,
+            )
             label = bool(rles[key])
         records.append(Record(uid, path, mask, label, info["PatientID"]))
     for ident in sorted(set(rles) - seen):
@@ -340,6 +408,11 @@ def _scan_siim(root: Path, problems: list[Problem]) -> list[Record]:
 def find_manifest(root: Path) -> Path:
     if root.is_file():
         return root
+    prepared = root / "manifest.csv"  # a `ptxseg prepare` copy (png_images/ + manifest.csv)
+    if (root / "png_images").is_dir() and prepared.is_file() and _is_manifest(
+        _csv_header(prepared)
+    ):
+        return prepared
     found = [p for p in sorted(root.glob("*.csv")) if _is_manifest(_csv_header(p))]
     if len(found) != 1:
         what = "no" if not found else "several"
@@ -349,14 +422,14 @@ def find_manifest(root: Path) -> Path:
 
 def _scan_csv(root: Path, problems: list[Problem]) -> list[Record]:
     path = find_manifest(root)
-    header, rows = read_csv_rows(path)
+    header, rows, lines = read_csv_lines(path)
     if not _is_manifest(header):
         raise DataError(path, f"expected columns image,mask, found {','.join(header) or 'none'}")
     if not rows:
         raise DataError(path, "manifest has no rows")
     base = path.parent
     records = []
-    for i, row in enumerate(rows, start=2):
+    for i, row in zip(lines, rows, strict=True):
         if not row["image"]:
             raise DataError(path, f"line {i}: empty image cell")
         img = base / row["image"]
@@ -390,6 +463,8 @@ def detect_layout(root: str | Path) -> str:
             return "csv"
         raise DataError(root, "a dataset must be a folder or a manifest CSV")
     if (root / "png_images").is_dir():
+        if (root / "manifest.csv").is_file() and _is_manifest(_csv_header(root / "manifest.csv")):
+            return "csv"  # a `ptxseg prepare` copy: its manifest keeps the original ids
         return "png"
     for site in root.iterdir():
         if site.is_dir() and site.name.lower().startswith("site"):
@@ -408,13 +483,20 @@ def detect_layout(root: str | Path) -> str:
     )
 
 
-def scan(root: str | Path, layout: str = "auto", *, labels: bool = True) -> Scan:
+def scan(
+    root: str | Path,
+    layout: str = "auto",
+    *,
+    labels: bool = True,
+    rle: str | Path | None = None,
+) -> Scan:
     """List a dataset's records and every problem found, without raising for problems.
 
     Args:
         root: dataset folder (or manifest CSV).
         layout: ``auto`` or one of ``png, siim, ptx498, csv``.
         labels: read the mask files to fill ``has_pneumothorax`` (png, ptx498, csv).
+        rle: the run-length CSV of a siim folder (``--rle``); implies ``siim`` for ``auto``.
 
     Raises:
         DataError: missing/empty folder, undetectable layout, unusable CSV (nothing to list).
@@ -426,10 +508,17 @@ def scan(root: str | Path, layout: str = "auto", *, labels: bool = True) -> Scan
         raise DataError(root, "dataset not found")
     if root.is_dir() and not any(root.iterdir()):
         raise DataError(root, "dataset folder is empty")
-    detected = layout == "auto"
-    used = detect_layout(root) if detected else layout
+    if rle is not None and layout not in ("auto", "siim"):
+        raise DataError(
+            None, f"--rle / data.rle: a run-length CSV is for the siim layout, not '{layout}'"
+        )
+    detected = layout == "auto" and rle is None
+    used = "siim" if rle is not None else detect_layout(root) if detected else layout
     problems: list[Problem] = []
-    records = _SCANNERS[used](root, problems)
+    if used == "siim":
+        records = _scan_siim(root, problems, rle)
+    else:
+        records = _SCANNERS[used](root, problems)
     records.sort(key=lambda r: r.id)
     _check_duplicates(records, problems)
     if labels:
@@ -437,8 +526,11 @@ def scan(root: str | Path, layout: str = "auto", *, labels: bool = True) -> Scan
     return Scan(records, used, detected, problems)
 
 
-def load_records(root: str | Path, layout: str = "auto") -> tuple[list[Record], str]:
-    """Read a dataset into records sorted by id, plus the layout used (detected if ``auto``).
+def load_records(
+    root: str | Path, layout: str = "auto", *, rle: str | Path | None = None
+) -> tuple[list[Record], str]:
+    """Read a dataset into records sorted by id, plus the layout used (detected if ``auto``);
+    ``rle`` picks the run-length CSV of a siim folder (see :func:`find_rle_csv`).
 
     Raises:
         DataError: for the first problem found (image without mask, mask without image,
@@ -447,7 +539,7 @@ def load_records(root: str | Path, layout: str = "auto") -> tuple[list[Record], 
             of a siim CSV whose DICOM is absent are not an error (the official CSVs list
             the whole challenge set; a subset of the DICOMs is a normal download).
     """
-    result = scan(root, layout)
+    result = scan(root, layout, rle=rle)
     fatal = [p for p in result.problems if p.fatal]
     if fatal:
         first = fatal[0]

@@ -221,6 +221,7 @@ def generate(
     *,
     overwrite: bool = False,
     progress: bool = False,
+    prefix: str = "synth",
 ) -> list[Record]:
     """Write a synthetic dataset in the png layout and return its records (sorted by id).
 
@@ -233,6 +234,8 @@ def generate(
             ``round(n * positive_fraction)`` of them).
         overwrite: allow writing into a non-empty folder (files of the same name are replaced).
         progress: show a progress bar.
+        prefix: ids are ``{prefix}_0000``...; give a held-out set its own prefix, since runs
+            and evaluations match images by id.
     """
     out = Path(out)
     if n < 1:
@@ -252,7 +255,7 @@ def generate(
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task("synth", total=n)
         for i in range(n):
-            name = f"synth_{i:0{width}d}"
+            name = f"{prefix}_{i:0{width}d}"
             image, mask = draw_case(np.random.default_rng([seed, i]), size, i in positives)
             img_path = out / "png_images" / f"{name}.png"
             mask_path = out / "png_masks" / f"{name}.png"
