@@ -640,7 +640,11 @@ def main(argv: list[str] | None = None) -> int:
         print_error(message)
         return 2
     except typer.TyperException as exc:  # usage errors: unknown command, missing argument...
-        exc.show()
+        show = getattr(exc, "show", None)
+        if show is None:
+            print_error(str(exc))
+            return 2
+        show()
         return getattr(exc, "exit_code", 2)
     except typer.Abort:
         err_console.print("Aborted.", markup=False, highlight=False)
