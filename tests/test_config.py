@@ -9,9 +9,12 @@ from ptxseg.config import (
     BUILTIN_DIR,
     Config,
     builtin_configs,
+    config_keys,
+    describe_keys,
     load_config,
     load_run_config,
     parse_override,
+    resolve_config_path,
     save_config,
 )
 from ptxseg.errors import ConfigError
@@ -76,7 +79,7 @@ def test_bad_files(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
-    with pytest.raises(ConfigError, match="no such config file or built-in config"):
+    with pytest.raises(ConfigError, match="no built-in config of that name"):
         load_config("nonexistent-name")
     with pytest.raises(ConfigError, match="missing"):
         load_run_config(tmp_path)
@@ -88,3 +91,110 @@ def test_save_and_reload_round_trip(tmp_path):
     again = load_run_config(tmp_path)
     assert again == cfg
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------
+# built-in names vs files (issue 10, item 1)
+
+
+def test_a_folder_named_like_a_builtin_does_not_hide_it(tmp_path, monkeypatch):
+    """After `make demo` the project root holds demo/: `--config demo` is still the built-in."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo" / "run").mkdir(parents=True)
+    (tmp_path / "paper").write_text("train:\n  epochs: 7\n")  # a file named like one too
+    assert resolve_config_path("demo") == BUILTIN_DIR / "demo.yaml"
+    assert load_config("demo") == load_config(BUILTIN_DIR / "demo.yaml")
+    assert load_config("paper").train.epochs == 300  # the built-in, not ./paper
+    assert load_config("./paper").train.epochs == 7  # a path names the file
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("./demo", "demo: is a folder, not a config file"),
+        ("demo/", "demo: is a folder, not a config file"),
+        ("sub/missing", "sub/missing: config file not found"),
+        ("missing.yml", "missing.yml: config file not found"),
+        ("papr", "papr: no built-in config of that name (built-in: demo, paper;"),
+    ],
+)
+def test_paths_are_files_and_names_are_builtins(tmp_path, monkeypatch, value, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    with pytest.raises(ConfigError) as exc:
+        load_config(value)
+    assert str(exc.value).startswith(message)
+
+
+def test_an_unknown_name_that_is_a_file_points_at_dot_slash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").write_text("train:\n  epochs: 5\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config("mine")
+    assert "no built-in config of that name" in str(exc.value)
+    assert str(exc.value).endswith("to read the file 'mine' in this folder, use ./mine")
+    assert load_config("./mine").train.epochs == 5
+
+
+# ------------------------------------------------------------------------------------------
+# key suggestions, descriptions, cross-key rules (items 8, 20)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epoch=2", "unknown key 'train.epoch' (did you mean train.epochs?)"),
+        ("model.encoder_weight=x", "unknown key 'model.encoder_weight' (did you mean "
+                                   "model.encoder_weights?)"),
+        ("trian.epochs=2", "unknown key 'trian' (did you mean train?)"),
+    ],
+)  # fmt: skip
+def test_unknown_keys_suggest_the_closest_known_key(override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config("paper", [override])
+    assert str(exc.value).endswith(message)
+
+
+def test_a_key_far_from_any_other_gets_no_suggestion():
+    with pytest.raises(ConfigError) as exc:
+        load_config("paper", ["train.bogus=1"])
+    assert str(exc.value).endswith("unknown key 'train.bogus'")
+
+
+def test_every_key_has_a_description_and_its_value():
+    cfg = load_config("demo")
+    infos = describe_keys(cfg)
+    keys = [i.key for i in infos]
+    # every leaf key of the model, once, in declaration order
+    expected = [f"{s}.{k}" for s, f in Config.model_fields.items()
+                for k in f.annotation.model_fields]  # fmt: skip
+    assert keys == expected == config_keys()
+    for info in infos:
+        assert len(info.description) > 15, info.key
+        section, name = info.key.split(".")
+        assert info.value == getattr(getattr(cfg, section), name)
+    by_key = {i.key: i for i in infos}
+    assert by_key["data.size"].value == 128  # demo.yaml's, not the default
+    assert by_key["data.layout"].choices == ("auto", "png", "siim", "ptx498", "csv")
+    assert "not used" in by_key["model.encoder_weights"].description
+    assert "init_from" in by_key["model.encoder_weights"].description
+
+
+def test_both_loss_weights_zero_is_refused_naming_both_keys(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config("paper", ["loss.bce_weight=0", "loss.dice_weight=0"])
+    msg = str(exc.value)
+    assert "loss.bce_weight and loss.dice_weight are both 0" in msg and "\n" not in msg
+    p = tmp_path / "zero.yaml"
+    p.write_text("loss:\n  bce_weight: 0\n  dice_weight: 0.0\n")
+    with pytest.raises(ConfigError, match=r"zero.yaml: loss.bce_weight and loss.dice_weight"):
+        load_config(p)
+    assert load_config("paper", ["loss.bce_weight=0"]).loss.dice_weight == 1.0  # one is fine
+
+
+def test_saved_config_header_is_a_comment(tmp_path):
+    cfg = load_config("paper", ["train.epochs=5"])
+    save_config(cfg, tmp_path / "config.yaml", header="extended at epoch 3\nsecond line")
+    text = (tmp_path / "config.yaml").read_text()
+    assert text.startswith("# extended at epoch 3\n# second line\n")
+    assert load_run_config(tmp_path) == cfg

@@ -1,13 +1,19 @@
-"""`ptxseg demo` end to end at a reduced size (the full size is measured in docs/benchmarks.md)."""
+"""`ptxseg demo` end to end at a reduced size (the full size is measured in docs/benchmarks.md).
+
+Every test runs in a scratch working directory that holds a ``demo/`` folder, as the project
+root does after ``make demo``: the built-in ``demo`` config must never be taken for it."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 import time
 
 import cv2
 import pytest
+from rich.console import Console
 
 from ptxseg.cli import main
 from ptxseg.demo import MARKER, DemoSize, _prepare_out, run_demo
@@ -23,11 +29,26 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _cwd_holding_a_demo_folder(tmp_path_factory, monkeypatch):
+    """Independent of where pytest runs, and in the state `make demo` leaves behind."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    (cwd / "demo" / "run").mkdir(parents=True)
+    (cwd / "demo" / MARKER).write_text("{}")
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
 def test_demo_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
     out = tmp_path / "demo"
+    buf = io.StringIO()
     start = time.perf_counter()
     metrics = run_demo(
-        out, size=DemoSize(n_train=24, n_test=8, image_size=64), overrides=TINY, progress=False
+        out,
+        size=DemoSize(n_train=24, n_test=8, image_size=64),
+        overrides=TINY,
+        progress=False,
+        console=Console(file=buf, width=400),
     )
     assert time.perf_counter() - start < 60
 
@@ -54,6 +75,33 @@ def test_demo_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
     record = json.loads((out / MARKER).read_text())
     assert set(record["seconds"]) == {"synth", "train", "tune", "evaluate", "predict", "total"}
     assert record["pooled_dice"] == pooled["f1"] and record["n_train"] == 24
+
+    # every step prints a one-line result under its title (none was empty)
+    from ptxseg.postprocess import load_params
+    from ptxseg.train import run_summary
+
+    text = buf.getvalue()
+    sections = re.split(r"^─*\s*(\d)/5 (.*?)\s*─*$", text, flags=re.M)
+    results = {int(sections[i]): sections[i + 2].strip() for i in range(1, len(sections), 3)}
+    titles = {int(sections[i]): sections[i + 1] for i in range(1, len(sections), 3)}
+    assert sorted(results) == [1, 2, 3, 4, 5] and all(results.values())
+    assert titles[2].endswith("64 px, 1 epoch")  # not "1 epochs"
+    assert results[1].startswith(f"{out / 'data/train'}: 24 images, ")
+    assert run_summary(out / "run") in results[2]
+    params = load_params(out / "run/thresholds.json")
+    assert f"chosen: {params.describe()} (" in results[3]
+    assert results[3].endswith(str(out / "run/thresholds.json"))
+    assert (
+        f"8 held-out images: pooled Dice {pooled['f1']:.4f}, IoU {pooled['iou']:.4f}; "
+        f"per-image (SIIM-ACR) Dice {saved['per_image']['kaggle_dice']:.4f}"
+    ) in results[4]
+    n_pos = sum(r["has_pneumothorax"] in ("1", "True", "true") for r in _rows(out))
+    assert f"4 images predicted, {n_pos} with pneumothorax" in results[5]
+
+
+def _rows(out):
+    with open(out / "predictions/results.csv") as fh:
+        return list(csv.DictReader(fh))
 
 
 def test_demo_replaces_only_a_previous_demo(tmp_path):

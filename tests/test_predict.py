@@ -361,7 +361,7 @@ def test_overlay_of_an_empty_mask_is_the_radiograph_and_large_images_are_capped(
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("--tta", "vflip", "--tta: unknown test-time augmentation 'vflip' (valid: none, hflip)"),
+        ("--tta", "vflip", "--tta: unknown 'vflip' (valid: none, hflip)"),
         ("--backend", "tensorrt", "--backend: unknown 'tensorrt' (valid: torch, onnx)"),
     ],
 )

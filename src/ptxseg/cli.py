@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
+from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +16,13 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from ptxseg.data.sources import LAYOUTS
 from ptxseg.errors import PtxsegError, one_line
+from ptxseg.evaluate import AT, SPLITS
+from ptxseg.inference import DEVICES, TTA_MODES
+from ptxseg.postprocess import MODES
+from ptxseg.predict import BACKENDS
+from ptxseg.tune import OBJECTIVES
 
 app = typer.Typer(
     name="ptxseg",
@@ -22,14 +30,34 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 console = Console()
 err_console = Console(stderr=True)
 
-LAYOUTS = "auto | png | siim | ptx498 | csv"
+
+
+def _choices(name: str, values: Sequence[str]) -> type[Enum]:
+    """An Enum of ``values`` for typer: ``--help`` lists them and any other value is refused.
+    Each list is declared once, by the module that owns it (``TTA_MODES`` in inference.py,
+    ``AT``/``SPLITS`` in evaluate.py ...); commands pass ``option.value`` on."""
+    return Enum(name, [(v, v) for v in values], type=str)  # type: ignore[return-value]
+
+
+Layout = _choices("Layout", ("auto", *LAYOUTS))
+Tta = _choices("Tta", TTA_MODES)
+At = _choices("At", AT)
+Split = _choices("Split", SPLITS)
+Objective = _choices("Objective", OBJECTIVES)
+Mode = _choices("Mode", MODES)
+Backend = _choices("Backend", BACKENDS)
+Device = _choices("Device", DEVICES)
+
 # options shared by several commands
-LayoutOption = Annotated[str, typer.Option("--layout", help=f"Dataset layout: {LAYOUTS}.")]
-TtaOption = Annotated[str, typer.Option("--tta", help="Test-time augmentation: none | hflip.")]
+LayoutOption = Annotated[
+    Layout, typer.Option("--layout", help="Dataset layout (auto: detected).")
+]
+TtaOption = Annotated[Tta, typer.Option("--tta", help="Test-time augmentation.")]
 RunBatchOption = Annotated[
     int | None, typer.Option("--batch-size", min=1, help="Images per batch (default: the run's).")
 ]
@@ -59,15 +87,25 @@ def print_error(message: str) -> None:
     err_console.print(Text.assemble(("error: ", "bold red"), one_line(message)), soft_wrap=True)
 
 
-@app.callback()
-def _root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from ptxseg import __version__
 
         console.print(f"ptxseg {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", callback=_print_version,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
+    """Pneumothorax segmentation on chest X-rays (U-Net + EfficientNet-B4)."""
 
 
 # --- data commands (synth, inspect) -------------------------------------------------------
@@ -153,14 +191,14 @@ def inspect_cmd(
     from ptxseg.progress import progress_bar
 
     if as_json:
-        report = inspect_dataset(data, layout, rle=_abs(rle))
+        report = inspect_dataset(data, layout.value, rle=_abs(rle))
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         with progress_bar(console=err_console, transient=True) as bar:
             task = bar.add_task("inspect", total=None)
             report = inspect_dataset(
                 data,
-                layout,
+                layout.value,
                 on_progress=lambda i, n: bar.update(task, completed=i, total=n),
                 rle=_abs(rle),
             )
@@ -192,35 +230,47 @@ def train_cmd(
     out: Annotated[Path, typer.Option("--out", help="Run folder to create (or --resume).")],
     config: Annotated[
         str | None,
-        typer.Option("--config", "-c", help="YAML file or built-in name (paper, demo)."),
+        typer.Option(
+            "--config", "-c",
+            help="Built-in name (paper, demo) or a YAML file (a path: with a '/' or .yaml).",
+        ),
     ] = None,
     sets: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a config key, e.g. --set train.epochs=50."),
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from last.ckpt.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out from last.ckpt; with --set train.epochs=N (more "
+            "than done) extend it (a new cosine LR segment).",
+        ),
     ] = False,
     devices: Annotated[
         int | None, typer.Option("--devices", min=1, help="GPUs (DDP when > 1).")
     ] = None,
-    layout: Annotated[str | None, typer.Option("--layout", help=LAYOUTS)] = None,
+    layout: Annotated[
+        Layout | None, typer.Option("--layout", help="Dataset layout (default: the config's).")
+    ] = None,
     rle: RleOption = None,
 ) -> None:
     """Train the U-Net (the paper's recipe by default) and write the run folder.
 
     Without --config the built-in 'paper' config is used; with --resume, the run's own
-    config.yaml. Multi-node: see the README (torchrun / SLURM) and ptxseg.train.
+    config.yaml. --config NAME is a built-in (paper, demo); a value with a '/' or ending in
+    .yaml/.yml is a file. Fine-tuning: --set model.init_from=RUN_OR_CKPT. Multi-node: see the
+    README (torchrun / SLURM) and ptxseg.train.
     """
     from ptxseg.config import load_config
     from ptxseg.errors import RunDirError
-    from ptxseg.train import fit, global_rank, run_summary
+    from ptxseg.train import TrainingInterrupted, fit, global_rank, run_summary
 
     overrides = list(sets or [])
     if devices is not None:
         overrides.append(f"train.devices={devices}")
     if layout is not None:
-        overrides.append(f"data.layout={layout}")
+        overrides.append(f"data.layout={layout.value}")
     if resume and config is None:
         if not (out / "config.yaml").is_file():
             raise RunDirError(f"{out}: not a run folder to resume (no config.yaml)")
@@ -229,8 +279,16 @@ def train_cmd(
         cfg = load_config(config or "paper", overrides)
     if rle is not None:  # set after parsing: a path is not a YAML value
         cfg.data.rle = str(_abs(rle))
-    with _warnings_as_lines():
-        fit(cfg, data, out, resume=resume)
+    try:
+        with _warnings_as_lines():
+            fit(cfg, data, out, resume=resume)
+    except KeyboardInterrupt as exc:  # Ctrl-C: where the run stands and how to resume
+        if global_rank() == 0:
+            where = str(exc) if isinstance(exc, TrainingInterrupted) else "before training began"
+            err_console.print(
+                Text.assemble(("interrupted: ", "bold red"), one_line(where)), soft_wrap=True
+            )
+        raise typer.Exit(130) from None
     if global_rank() == 0:
         console.print(run_summary(out), markup=False, highlight=False, soft_wrap=True)
 
@@ -249,13 +307,69 @@ def prepare_cmd(
     """Write a pre-resized png-layout copy of a dataset (fast training input)."""
     from ptxseg.data.prepare import prepare
 
-    records = prepare(data, out, size, layout, workers=workers, progress=True, rle=_abs(rle))
+    records = prepare(
+        data, out, size, layout.value, workers=workers, progress=True, rle=_abs(rle)
+    )
     console.print(
         f"wrote {len(records)} image/mask pairs at {size}x{size} to {out} (+ manifest.csv "
         "with the original ids)",
         markup=False,
         highlight=False,
     )
+
+
+# --- config show ----------------------------------------------------------------------------
+
+config_app = typer.Typer(
+    help="See a config: every key with its value and meaning.", no_args_is_help=True
+)
+app.add_typer(config_app, name="config")
+
+
+def _yaml_value(value) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+@config_app.command("show")
+def config_show(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="Built-in name (paper, demo) or a YAML file (a path: with a '/' or .yaml), "
+            "e.g. RUN/config.yaml."
+        ),
+    ] = "paper",
+    sets: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key first, e.g. --set train.epochs=50."),
+    ] = None,
+    as_yaml: Annotated[
+        bool, typer.Option("--yaml", help="Print the resolved config as YAML (a file to edit).")
+    ] = False,
+) -> None:
+    """Print every config key with its value and description (after any --set)."""
+    from ptxseg.config import describe_keys, load_config, resolve_config_path
+
+    cfg = load_config(name, sets or [])
+    if as_yaml:
+        typer.echo(cfg.to_yaml(), nl=False)
+        return
+    rows = [
+        (
+            info.key,
+            _yaml_value(info.value),
+            info.description
+            + (f" [{' | '.join(_yaml_value(c) for c in info.choices)}]" if info.choices else ""),
+        )
+        for info in describe_keys(cfg)
+    ]
+    key_w = max(len(r[0]) for r in rows)
+    value_w = max(len(r[1]) for r in rows)
+    typer.echo(f"# {name}: {resolve_config_path(name)}" + (" (with --set)" if sets else ""))
+    for key, value, description in rows:
+        typer.echo(f"{key:<{key_w}}  {value:<{value_w}}  {description}")
 
 
 # --- post-processing and evaluation commands (tune, evaluate) -----------------------------
@@ -270,14 +384,14 @@ def tune(
     ] = None,
     layout: LayoutOption = "auto",
     objective: Annotated[
-        str,
+        Objective,
         typer.Option(
             "--objective",
             help="iou: pooled-pixel IoU (the paper's); kaggle: SIIM-ACR mean per-image Dice.",
         ),
     ] = "iou",
     mode: Annotated[
-        str,
+        Mode,
         typer.Option(
             "--mode",
             help="pixel: threshold + small-component removal; triplet: top threshold, min "
@@ -295,10 +409,10 @@ def tune(
         path, result = tune_run(
             run,
             data,
-            layout=layout,
-            objective=objective,  # type: ignore[arg-type]
-            mode=mode,  # type: ignore[arg-type]
-            tta=tta,
+            layout=layout.value,
+            objective=objective.value,  # type: ignore[arg-type]
+            mode=mode.value,  # type: ignore[arg-type]
+            tta=tta.value,
             batch_size=batch_size,
             progress=True,
             rle=_abs(rle),
@@ -323,7 +437,7 @@ def evaluate(
         ),
     ] = None,
     at: Annotated[
-        str,
+        At,
         typer.Option(
             "--at",
             help="native: compare at each image's own resolution; model: at model resolution "
@@ -332,7 +446,7 @@ def evaluate(
     ] = "native",
     layout: LayoutOption = "auto",
     split: Annotated[
-        str,
+        Split,
         typer.Option("--split", help="all images, or only the run's val / train ids (split.csv)."),
     ] = "all",
     tta: TtaOption = "none",
@@ -349,10 +463,10 @@ def evaluate(
             data,
             out,
             thresholds=thresholds,
-            at=at,
-            layout=layout,
-            split=split,
-            tta=tta,
+            at=at.value,
+            layout=layout.value,
+            split=split.value,
+            tta=tta.value,
             batch_size=batch_size,
             progress=True,
             rle=_abs(rle),
@@ -388,7 +502,7 @@ def predict(
         typer.Option("--kaggle-csv", help="Also write a SIIM-ACR submission CSV here."),
     ] = None,
     backend: Annotated[
-        str, typer.Option("--backend", help="torch (RUN/best.ckpt) | onnx (RUN/model.onnx).")
+        Backend, typer.Option("--backend", help="torch: RUN/best.ckpt; onnx: RUN/model.onnx.")
     ] = "torch",
     model: Annotated[
         Path | None,
@@ -405,7 +519,9 @@ def predict(
     overlays: Annotated[
         bool, typer.Option("--overlays/--no-overlays", help="Write overlays/<id>.png.")
     ] = True,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    device: Annotated[
+        Device, typer.Option("--device", help="auto: CUDA when available, else the CPU.")
+    ] = "auto",
     compile: Annotated[
         bool | None,
         typer.Option(
@@ -423,14 +539,14 @@ def predict(
         inputs,
         out,
         thresholds=thresholds,
-        tta=tta,
+        tta=tta.value,
         kaggle_csv=kaggle_csv,
-        backend=backend,
+        backend=backend.value,
         model_path=model,
         batch_size=batch_size,
         workers=workers,
         overlays=overlays,
-        device=device,
+        device=device.value,
         compile=compile,
         progress=True,
         console=err_console,
@@ -494,7 +610,10 @@ def demo(
         int | None, typer.Option("--image-size", min=32, help="Side of the synthetic images.")
     ] = None,
     config: Annotated[
-        str, typer.Option("--config", help="Config file or built-in name.")
+        str,
+        typer.Option(
+            "--config", help="Built-in name or a YAML file (a path: with a '/' or .yaml)."
+        ),
     ] = "demo",
     set_: Annotated[
         list[str] | None,
@@ -524,10 +643,42 @@ def demo(
     )
 
 
+def _choice_error(exc: typer.BadParameter) -> str | None:
+    """``--at: unknown 'half' (valid: native, model)`` for a value outside an option's
+    choices; None for any other bad parameter."""
+    import re
+
+    desc = getattr(exc.param, "type_descriptor", None)
+    if desc is None or not desc.is_choice or not desc.choices:
+        return None
+    given = re.search(r"'(.*)' is not one of", exc.message)
+    valid = ", ".join(str(getattr(c, "value", c)) for c in desc.choices)
+    name = exc.param.opts[0] if exc.param.opts else exc.param.name
+    return f"{name}: unknown {given[0].split(' is')[0] if given else 'value'} (valid: {valid})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app, turning library errors into one line and exit code 2."""
+    """Entry point: run the app, turning library errors into one line and exit code 2 (a value
+    outside an option's choices too; other usage errors print click's usage and message)."""
     try:
-        app(args=argv, prog_name="ptxseg", standalone_mode=True)
+        code = app(args=argv, prog_name="ptxseg", standalone_mode=False)
+    except typer.BadParameter as exc:
+        message = _choice_error(exc)
+        if message is None:
+            exc.show()
+            return exc.exit_code
+        print_error(message)
+        return 2
+    except typer.TyperException as exc:  # usage errors: unknown command, missing argument...
+        show = getattr(exc, "show", None)
+        if show is None:
+            print_error(str(exc))
+            return 2
+        show()
+        return getattr(exc, "exit_code", 2)
+    except typer.Abort:
+        err_console.print("Aborted.", markup=False, highlight=False)
+        return 1
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except PtxsegError as exc:
@@ -540,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def run() -> None:  # console script

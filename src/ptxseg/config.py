@@ -1,18 +1,33 @@
 """Typed configuration: YAML sets defaults, ``--set key=value`` overrides them, and the
 resolved config is written into the run folder so every run can be repeated from it.
 
-Unknown keys and wrong types are refused with a :class:`~ptxseg.errors.ConfigError` that
-names the dotted key.
+Unknown keys (with the closest known key suggested) and wrong types are refused with a
+:class:`~ptxseg.errors.ConfigError` that names the dotted key. Every key carries a
+description (``ptxseg config show`` lists them).
+
+``--config NAME_OR_FILE``: a value with a path separator or a ``.yaml``/``.yml`` suffix is a
+file; anything else is a built-in name (:func:`resolve_config_path`), so a folder called
+``demo`` in the current directory never hides the built-in ``demo`` config.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ptxseg.errors import ConfigError
 
@@ -24,10 +39,31 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    size: int = Field(512, ge=32, le=4096, description="square model input size (pixels)")
-    val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
-    workers: int | None = Field(None, ge=0, description="DataLoader workers; null = auto")
-    layout: Literal["auto", "png", "siim", "ptx498", "csv"] = "auto"
+    size: int = Field(
+        512,
+        ge=32,
+        le=4096,
+        description="square model input size in pixels (a multiple of 32); images and masks "
+        "are resized to it for training, and predictions are resized back",
+    )
+    val_fraction: float = Field(
+        0.15,
+        gt=0.0,
+        lt=1.0,
+        description="share of the images held out for validation (stratified by label, "
+        "grouped by patient where known, seeded by train.seed)",
+    )
+    workers: int | None = Field(
+        None,
+        ge=0,
+        description="DataLoader worker processes that decode and augment images; null = this "
+        "process's CPU cores minus one (at most 16), 0 = load in the training process",
+    )
+    layout: Literal["auto", "png", "siim", "ptx498", "csv"] = Field(
+        "auto",
+        description="dataset layout; auto detects it (png pairs, SIIM DICOM + run-length CSV, "
+        "PTX-498 sites, csv manifest)",
+    )
     rle: str | None = Field(
         None,
         description="run-length CSV of a siim dataset with several (relative: from the dataset "
@@ -43,10 +79,20 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: str = "unet"
-    encoder: str = "efficientnet-b4"
+    arch: str = Field(
+        "unet",
+        description="segmentation architecture: any segmentation-models-pytorch name (unet, "
+        "unetplusplus, fpn, deeplabv3plus ...)",
+    )
+    encoder: str = Field(
+        "efficientnet-b4",
+        description="encoder (backbone): any segmentation-models-pytorch encoder name",
+    )
     encoder_weights: str | None = Field(
-        "imagenet", description="'imagenet', null, or a path to a local encoder weights file"
+        "imagenet",
+        description="encoder initialisation: 'imagenet' (downloaded on first use), null "
+        "(random), or a path to a local encoder weights file; not used (and not downloaded) "
+        "when model.init_from is set",
     )
     bn_momentum: float | None = Field(
         None,
@@ -55,31 +101,85 @@ class ModelConfig(_Section):
         description="BatchNorm momentum for every layer; null keeps the encoder's own (0.01 "
         "for smp's EfficientNet, tuned for pretrained weights). 0.1 helps short from-scratch runs.",
     )
+    init_from: str | None = Field(
+        None,
+        description="fine-tuning: start from the weights of a run folder (its best.ckpt) or "
+        "of a checkpoint file, with a fresh optimizer and LR schedule; arch and encoder must "
+        "match it; encoder_weights is then ignored; its path and sha256 go to data.json",
+    )
 
 
 class LossConfig(_Section):
-    bce_weight: float = Field(1.0, ge=0.0)
-    dice_weight: float = Field(1.0, ge=0.0)
+    bce_weight: float = Field(
+        1.0, ge=0.0, description="weight of the binary cross-entropy term of the loss"
+    )
+    dice_weight: float = Field(
+        1.0, ge=0.0, description="weight of the soft Dice term of the loss"
+    )
+
+    @model_validator(mode="after")
+    def _not_both_zero(self) -> LossConfig:
+        if self.bce_weight == 0 and self.dice_weight == 0:
+            raise ValueError(
+                "loss.bce_weight and loss.dice_weight are both 0: the loss would be constant "
+                "and nothing would be learned (set at least one above 0)"
+            )
+        return self
 
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-4, gt=0.0)
-    lr_min: float = Field(1e-6, ge=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    lr: float = Field(
+        1e-4, gt=0.0, description="Adam learning rate at the start of the cosine schedule"
+    )
+    lr_min: float = Field(
+        1e-6,
+        ge=0.0,
+        description="learning rate at the last optimizer step of the run (cosine decay from "
+        "optim.lr, stepped per batch; an extended run decays again over the added epochs)",
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="Adam weight decay (L2 penalty)")
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(32, ge=1)
-    epochs: int = Field(300, ge=1)
-    patience: int = Field(20, ge=1)
-    precision: Literal["auto", "32", "16-mixed", "bf16-mixed"] = "auto"
-    compile: Literal["auto", True, False] = "auto"
-    devices: int | Literal["auto"] = 1
-    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
-    seed: int = 42
-    channels_last: Literal["auto", True, False] = "auto"
+    batch_size: int = Field(
+        32, ge=1, description="images per batch and device (effective batch: x devices x nodes)"
+    )
+    epochs: int = Field(
+        300,
+        ge=1,
+        description="maximum number of epochs (the cosine schedule spans them); raise it with "
+        "--resume to extend a run (README: continue or fine-tune)",
+    )
+    patience: int = Field(
+        20,
+        ge=1,
+        description="early stopping: epochs without a better validation IoU before training "
+        "stops (may change on --resume)",
+    )
+    precision: Literal["auto", "32", "16-mixed", "bf16-mixed"] = Field(
+        "auto",
+        description="numeric precision: auto = bf16-mixed on GPUs that support it, else "
+        "16-mixed on CUDA, 32 on CPU",
+    )
+    compile: Literal["auto", True, False] = Field(
+        "auto", description="torch.compile the model; auto = on with CUDA"
+    )
+    devices: int | Literal["auto"] = Field(
+        1, description="devices (GPUs) per machine; DDP when more than one; auto = all GPUs"
+    )
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
+        "auto", description="hardware; auto = CUDA when available, else MPS, else CPU"
+    )
+    seed: int = Field(
+        42, description="random seed of the split, the weight initialisation and augmentation"
+    )
+    channels_last: Literal["auto", True, False] = Field(
+        "auto", description="channels_last memory layout; auto = on with CUDA"
+    )
     num_nodes: int = Field(1, ge=1, description="machines for multi-node DDP (torchrun/SLURM)")
-    log_every: int = Field(20, ge=1, description="steps between progress-bar loss updates")
+    log_every: int = Field(
+        20, ge=1, description="steps between progress-bar loss updates (and NaN/inf checks)"
+    )
     deterministic: Literal[False, True, "warn"] = Field(
         False,
         description="torch.use_deterministic_algorithms (and no cuDNN autotuning): true fails "
@@ -93,20 +193,31 @@ class TrainConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    enabled: bool = True
-    hflip_p: float = Field(0.5, ge=0.0, le=1.0)
-    color_p: float = Field(0.3, ge=0.0, le=1.0)
-    distort_p: float = Field(0.3, ge=0.0, le=1.0)
-    affine_p: float = Field(0.5, ge=0.0, le=1.0)
+    enabled: bool = Field(True, description="augment training images (validation: resize only)")
+    hflip_p: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
+    color_p: float = Field(
+        0.3, ge=0.0, le=1.0, description="probability of a brightness/contrast or gamma change"
+    )
+    distort_p: float = Field(
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="probability of an elastic, grid or optical distortion",
+    )
+    affine_p: float = Field(
+        0.5, ge=0.0, le=1.0, description="probability of an affine translate/scale/rotate"
+    )
 
 
 class Config(_Section):
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    data: DataConfig = Field(default_factory=DataConfig, description="dataset and input size")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the network")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Dice + BCE loss")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer, LR schedule")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop")
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="training augmentations"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -115,9 +226,55 @@ class Config(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+@dataclass(frozen=True)
+class KeyInfo:
+    """One config key: dotted name, value, description, allowed values (None = any)."""
+
+    key: str
+    value: Any
+    description: str
+    choices: tuple[Any, ...] | None = None
+
+
+def _choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal`` field (None for any other type)."""
+    return get_args(annotation) if get_origin(annotation) is Literal else None
+
+
+def describe_keys(cfg: Config | None = None) -> list[KeyInfo]:
+    """Every dotted key of ``cfg`` (default: the code defaults) with its value and meaning."""
+    cfg = cfg or Config()
+    out = []
+    for section, sfield in Config.model_fields.items():
+        model = sfield.annotation
+        values = getattr(cfg, section)
+        for name, field in model.model_fields.items():
+            out.append(
+                KeyInfo(
+                    f"{section}.{name}",
+                    getattr(values, name),
+                    field.description or "",
+                    _choices(field.annotation),
+                )
+            )
+    return out
+
+
+def config_keys() -> list[str]:
+    """Every dotted key (``data.size``, ``train.epochs`` ...)."""
+    return [k.key for k in describe_keys()]
+
+
 def builtin_configs() -> list[str]:
     """Names of the configs shipped with the package (``paper``, ``demo``...)."""
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def suggest_key(key: str) -> str | None:
+    """The known dotted key (or section) closest to a misspelt ``key``, if any is close."""
+    known = config_keys() if "." in key else list(Config.model_fields)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -125,6 +282,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         msg = f"unknown key '{key}'"
+        close = suggest_key(key)
+        if close:
+            msg += f" (did you mean {close}?)"
+    elif first["type"] == "value_error" and len(first["loc"]) <= 1:
+        # a rule over several keys of a section (a model validator): its message names them
+        msg = str(first["msg"]).removeprefix("Value error, ")
     else:
         msg = f"'{key}': {first['msg']} (got {first.get('input')!r})"
     more = len(err.errors()) - 1
@@ -149,17 +312,47 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def is_path_like(value: str) -> bool:
+    """Whether a ``--config`` value names a file: it holds a path separator or ends in
+    ``.yaml``/``.yml``. Anything else is the name of a built-in config."""
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return any(sep in value for sep in seps) or value.lower().endswith((".yaml", ".yml"))
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A path to a YAML file, or the name of a built-in config (``paper``, ``demo``)."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        return p
-    builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
-    if builtin.exists():
+    """The YAML file a ``--config`` value stands for.
+
+    The rule: a value with a path separator, or ending in ``.yaml``/``.yml``, is a file
+    (``./demo``, ``configs/my.yaml``, ``run/config.yaml``); any other value is the name of a
+    built-in config (``paper``, ``demo``), whatever files or folders of that name exist in
+    the current folder. A :class:`~pathlib.Path` object is always a file.
+
+    Raises:
+        ConfigError: a file that is missing or a folder; an unknown built-in name (listing the
+            built-ins, and saying ``./NAME`` when a file of that name exists).
+    """
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or is_path_like(text):
+        path = Path(name_or_path)
+        if path.is_dir():
+            raise ConfigError(
+                f"{path}: is a folder, not a config file"
+                + (f" (the run's config is {path / 'config.yaml'})"
+                   if (path / "config.yaml").is_file() else "")
+            )
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        return path
+    builtin = BUILTIN_DIR / f"{text}.yaml"
+    if text and builtin.is_file():
         return builtin
+    hint = ""
+    if text and Path(text).is_file():
+        hint = f"; to read the file '{text}' in this folder, use ./{text}"
     raise ConfigError(
-        f"{name_or_path}: no such config file or built-in config "
-        f"(built-in: {', '.join(builtin_configs())})"
+        f"{text or repr(text)}: no built-in config of that name (built-in: "
+        f"{', '.join(builtin_configs())}; a config file is given by a path such as "
+        f"./my.yaml){hint}"
     )
 
 
@@ -199,7 +392,9 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    ``path``: a built-in name or a file, as :func:`resolve_config_path` decides."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -211,10 +406,12 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     return validate(data, source if not overrides else f"{source} (with --set)")
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
+def save_config(cfg: Config, path: str | Path, *, header: str = "") -> None:
+    """Write ``cfg`` as YAML (atomically); ``header``: comment lines written above it."""
     from ptxseg.fileio import write_text
 
-    write_text(path, cfg.to_yaml())
+    comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    write_text(path, comment + cfg.to_yaml())
 
 
 def load_run_config(run_dir: str | Path) -> Config:

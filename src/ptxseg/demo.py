@@ -12,6 +12,10 @@ Layout of the output folder::
       per_image.csv, confusion_matrix.png, overlays/
     OUT/predictions/                ``ptxseg predict`` on a few test images (+ submission.csv)
     OUT/demo.json                   what was run, with the time of each step
+
+Each step prints its title and a one-line result (images written, the run summary, the chosen
+threshold and removal area, the held-out scores, the predictions), also when the output goes
+to a log file.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 from ptxseg.config import load_config
 from ptxseg.errors import RunDirError
 from ptxseg.fileio import write_json
+from ptxseg.progress import plural
 
 MARKER = "demo.json"
 
@@ -93,7 +98,7 @@ def run_demo(
     from ptxseg.data.synthetic import generate
     from ptxseg.evaluate import evaluate_run
     from ptxseg.predict import predict
-    from ptxseg.train import fit
+    from ptxseg.train import fit, run_summary
     from ptxseg.tune import tune_run
 
     console = console or Console()
@@ -119,33 +124,59 @@ def run_demo(
         console.rule(f"[bold]{title}")
         return name, time.perf_counter()
 
+    def result(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
     name, t0 = step("synth", f"1/5 synthesise {size.n_train} training + {size.n_test} test images")
     train_dir, test_dir = out / "data" / "train", out / "data" / "test"
-    generate(train_dir, n=size.n_train, size=size.image_size, seed=0, progress=progress)
-    # other ids than the training images': evaluate counts the run's training ids it sees
-    generate(test_dir, n=size.n_test, size=size.image_size, seed=1, progress=progress,
-             prefix="test")
+    # the held-out set gets other ids than the training images': evaluate counts the run's
+    # training ids it sees
+    made = [
+        generate(folder, n=n, size=size.image_size, seed=seed, progress=progress, prefix=prefix)
+        for folder, n, seed, prefix in (
+            (train_dir, size.n_train, 0, "synth"),
+            (test_dir, size.n_test, 1, "test"),
+        )
+    ]
     timings[name] = round(time.perf_counter() - t0, 2)
+    result(
+        "; ".join(
+            f"{folder}: {plural(len(recs), 'image')}, "
+            f"{sum(bool(r.has_pneumothorax) for r in recs)} with a lesion"
+            for folder, recs in zip((train_dir, test_dir), made, strict=True)
+        )
+    )
 
     name, t0 = step(
         "train",
         f"2/5 train {cfg.model.arch} + {cfg.model.encoder} at {cfg.data.size} px, "
-        f"{cfg.train.epochs} epochs",
+        f"{plural(cfg.train.epochs, 'epoch')}",
     )
     run = fit(cfg, train_dir, out / "run", progress=progress)
     timings[name] = round(time.perf_counter() - t0, 2)
+    result(run_summary(run))
 
     name, t0 = step("tune", "3/5 tune threshold + removal area on the validation split")
-    _, tuned = tune_run(run, progress=progress)
+    thresholds_path, tuned = tune_run(run, progress=progress)
     timings[name] = round(time.perf_counter() - t0, 2)
+    result(
+        f"chosen: {tuned.params.describe()} ({tuned.objective} = {tuned.score:.4f} on the "
+        f"validation split) -> {thresholds_path}"
+    )
 
     name, t0 = step("evaluate", "4/5 evaluate on the held-out synthetic test")
     metrics = evaluate_run(run, test_dir, out, progress=progress)
     timings[name] = round(time.perf_counter() - t0, 2)
+    pooled = metrics["pooled"]
+    result(
+        f"{plural(metrics['n_images'], 'held-out image')}: pooled Dice {pooled['f1']:.4f}, "
+        f"IoU {pooled['iou']:.4f}; per-image (SIIM-ACR) Dice "
+        f"{metrics['per_image']['kaggle_dice']:.4f} -> {out / 'metrics.json'}"
+    )
 
     name, t0 = step("predict", "5/5 predict a few test images")
     sample = sorted((test_dir / "png_images").glob("*.png"))[:4]
-    predict(
+    predicted = predict(
         run,
         sample,
         out / "predictions",
@@ -154,6 +185,10 @@ def run_demo(
         console=console,
     )
     timings[name] = round(time.perf_counter() - t0, 2)
+    result(
+        f"{plural(predicted.n_images - predicted.n_errors, 'image')} predicted, "
+        f"{predicted.n_positive} with pneumothorax -> {out / 'predictions'}/"
+    )
     timings["total"] = round(sum(timings.values()), 2)
     record["pooled_dice"] = metrics["pooled"]["f1"]
     record["thresholds"] = {

@@ -20,8 +20,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from ptxseg.errors import PtxsegError
 
+#: devices an inference command can run on (``--device``)
+DEVICES = ("auto", "cpu", "cuda")
+
 
 def pick_device(accelerator: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else the CPU; ``cpu``; ``cuda`` (or ``gpu``)."""
+    if accelerator not in (*DEVICES, "gpu"):
+        raise PtxsegError(f"--device: unknown device '{accelerator}' (valid: {', '.join(DEVICES)})")
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise PtxsegError("accelerator 'gpu' requested but CUDA is not available")

@@ -283,3 +283,55 @@ def save_model_checkpoint(model: SegModel, path: str | Path) -> None:
     state = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_open(path, "wb") as fh:
         torch.save({"state_dict": state}, fh)
+
+
+def init_checkpoint(value: str | Path) -> Path:
+    """The checkpoint ``model.init_from`` names: a run folder's ``best.ckpt``, or a file."""
+    path = Path(value)
+    if path.is_dir():
+        ckpt = path / "best.ckpt"
+        if not ckpt.is_file():
+            raise CheckpointError(f"model.init_from: {path}: run folder without best.ckpt")
+        return ckpt
+    if not path.is_file():
+        raise ConfigError(f"model.init_from: {path}: no such run folder or checkpoint file")
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_init_weights(cfg: Config) -> tuple[dict[str, torch.Tensor], Path, str]:
+    """The weights ``cfg.model.init_from`` points at (fine-tuning), read with the same safe
+    loader as every checkpoint (``weights_only=True``) and checked against ``cfg``'s
+    architecture. Returns the ``SegModel`` state dict, the checkpoint path and its sha256.
+
+    Raises:
+        ConfigError: no such run folder/file, or a source run of another arch/encoder.
+        CheckpointError: unreadable/unsafe checkpoint, or weights that do not fit the model.
+    """
+    if cfg.model.init_from is None:
+        raise ValueError("load_init_weights: model.init_from is not set")
+    source = Path(cfg.model.init_from)
+    ckpt = init_checkpoint(source)
+    if source.is_dir() and (source / "config.yaml").is_file():
+        theirs = load_run_config(source).model
+        for key in ("arch", "encoder"):
+            a, b = getattr(theirs, key), getattr(cfg.model, key)
+            if a.lower() != b.lower():
+                raise ConfigError(
+                    f"model.init_from: {source} was trained with model.{key}={a}, this run "
+                    f"has model.{key}={b}; fine-tuning needs the same architecture and encoder"
+                )
+    try:
+        model = load_model(cfg, ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"model.init_from: {exc}") from None
+    return model.state_dict(), ckpt, file_sha256(ckpt)

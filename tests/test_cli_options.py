@@ -1,0 +1,134 @@
+"""The command line's help and choices (issue 10, item 8): enumerated options list their
+values in --help and refuse others, flags show no value, misspelt config keys get a
+suggestion, and ``ptxseg config show`` lists every key with its value and meaning."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from ptxseg.cli import app, main
+from ptxseg.config import BUILTIN_DIR, describe_keys, load_config
+
+CHOICES = {  # command: {option: the values --help must list}
+    "tune": {"--objective": "iou|kaggle", "--mode": "pixel|triplet", "--tta": "none|hflip",
+             "--layout": "auto|png|siim|ptx498|csv"},
+    "evaluate": {"--at": "native|model", "--split": "all|val|train", "--tta": "none|hflip"},
+    "predict": {"--backend": "torch|onnx", "--device": "auto|cpu|cuda", "--tta": "none|hflip"},
+    "train": {"--layout": "auto|png|siim|ptx498|csv"},
+    "inspect": {"--layout": "auto|png|siim|ptx498|csv"},
+}  # fmt: skip
+
+
+def _help(capsys, *args: str) -> str:
+    assert main([*args, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", sorted(CHOICES))
+def test_help_lists_the_choices(capsys, command):
+    text = _help(capsys, command)
+    for option, values in CHOICES[command].items():
+        assert re.search(rf"^\s+{option} <{re.escape(values)}>", text, re.M), (option, text)
+
+
+def test_choices_come_from_the_modules_that_own_them():
+    from ptxseg.cli import At, Backend, Device, Mode, Objective, Split, Tta
+    from ptxseg.evaluate import AT, SPLITS
+    from ptxseg.inference import DEVICES, TTA_MODES
+    from ptxseg.postprocess import MODES
+    from ptxseg.predict import BACKENDS
+    from ptxseg.tune import OBJECTIVES
+
+    for enum, values in ((Tta, TTA_MODES), (At, AT), (Split, SPLITS), (Objective, OBJECTIVES),
+                         (Mode, MODES), (Backend, BACKENDS), (Device, DEVICES)):  # fmt: skip
+        assert tuple(m.value for m in enum) == tuple(values)
+
+
+def test_no_help_shows_a_type_for_a_flag(capsys):
+    commands = [name for name in (c.name for c in app.registered_commands)] + ["config show"]
+    assert len(commands) >= 10
+    for command in [None, *commands]:
+        text = _help(capsys, *(command.split() if command else []))
+        assert "<bool>" not in text, command
+    assert re.search(r"^\s+--json\s+Machine-readable output\.", _help(capsys, "inspect"), re.M)
+
+
+def test_an_unknown_device_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["predict", str(tmp_path), str(tmp_path), "--out", str(out), "--device", "tpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "error: --device: unknown 'tpu' (valid: auto, cpu, cuda)\n"
+    assert not out.exists()
+    from ptxseg.errors import PtxsegError
+    from ptxseg.inference import pick_device
+
+    with pytest.raises(PtxsegError, match=r"--device: unknown device 'tpu' \(valid: auto, cpu"):
+        pick_device("tpu")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["evaluate", "R", "--data", "D", "--out", "O", "--at", "paper"],
+         "--at: unknown 'paper' (valid: native, model)"),
+        (["evaluate", "R", "--data", "D", "--out", "O", "--split", "test"],
+         "--split: unknown 'test' (valid: all, val, train)"),
+        (["tune", "R", "--objective", "dice"], "--objective: unknown 'dice' (valid: iou, kaggle)"),
+        (["tune", "R", "--mode", "pixels"], "--mode: unknown 'pixels' (valid: pixel, triplet)"),
+        (["predict", "R", "I", "--out", "O", "--backend", "tensorrt"],
+         "--backend: unknown 'tensorrt' (valid: torch, onnx)"),
+        (["inspect", "D", "--layout", "dicom"],
+         "--layout: unknown 'dicom' (valid: auto, png, siim, ptx498, csv)"),
+    ],
+)  # fmt: skip
+def test_other_bad_choices_are_one_line_errors(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_misspelt_key_suggests_the_right_one(tmp_path, capsys):
+    code = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                 "--set", "train.epoch=2"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().endswith("unknown key 'train.epoch' (did you mean train.epochs?)")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_config_show_prints_every_key_with_value_and_description(capsys):
+    assert main(["config", "show", "demo", "--set", "train.epochs=3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"# demo: {BUILTIN_DIR / 'demo.yaml'} (with --set)"
+    cfg = load_config("demo", ["train.epochs=3"])
+    infos = describe_keys(cfg)
+    assert len(lines) == 1 + len(infos)
+    for line, info in zip(lines[1:], infos, strict=True):
+        key, value, description = re.split(r"\s{2,}", line, maxsplit=2)
+        assert key == info.key
+        assert yaml.safe_load(value) == info.value
+        assert description.startswith(info.description)
+    shown = dict(re.split(r"\s{2,}", line, maxsplit=2)[:2] for line in lines[1:])
+    assert shown["train.epochs"] == "3" and shown["data.size"] == "128"
+    assert shown["model.encoder_weights"] == "null"
+
+
+def test_config_show_yaml_round_trips(tmp_path, capsys):
+    assert main(["config", "show", "--yaml", "--set", "optim.lr=3e-4"]) == 0
+    text = capsys.readouterr().out
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    assert load_config(path) == load_config("paper", ["optim.lr=3e-4"])
+    assert main(["config", "show", "nope"]) == 2
+    assert "nope: no built-in config of that name" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from ptxseg import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"ptxseg {__version__}\n"
