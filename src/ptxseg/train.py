@@ -630,15 +630,15 @@ def fit(
     module.warn_no_positive = module_warns
     # a new run that fails before its first checkpoint is removed again (nothing half-made)
     fresh = rank == 0 and not resume and not out.exists()
-    if rank == 0 and not resume:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        write_split(out / "split.csv", records, assignment)
-        # the dataset, so `ptxseg tune RUN` finds the validation images without --data
-        write_json(out / "data.json", {"root": str(data.resolve()), "layout": layout})
-    if progress and rank == 0:
-        _announce(cfg, accelerator, layout, len(train_recs), len(val_recs), out, last)
     try:
+        if rank == 0 and not resume:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+            write_split(out / "split.csv", records, assignment)
+            # the dataset, so `ptxseg tune RUN` finds the validation images without --data
+            write_json(out / "data.json", {"root": str(data.resolve()), "layout": layout})
+        if progress and rank == 0:
+            _announce(cfg, accelerator, layout, len(train_recs), len(val_recs), out, last)
         with quiet_lightning():
             train_loader = make_loader(cfg, train_recs, train=True, accelerator=accelerator)
             val_loader = make_loader(cfg, val_recs, train=False, accelerator=accelerator)
