@@ -330,3 +330,15 @@ def test_kaggle_rows_and_results_stay_in_step(run, images, tmp_path):
                     "--kaggle-csv", str(out / "s.csv")])[0] == 0
     with open(out / "s.csv", newline="") as fh:
         assert [r["ImageId"] for r in csv.DictReader(fh)] == ["a", "b", "c"]
+
+
+def test_a_run_that_fails_to_load_its_model_leaves_no_new_out(run, images, tmp_path):
+    """--out is created (and locked) before the model is loaded: a failure there removes it."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(run / "config.yaml", bad / "config.yaml")
+    (bad / "best.ckpt").write_bytes((run / "best.ckpt").read_bytes()[:1000])
+    out = tmp_path / "new" / "out"
+    rc, _, err = run_cli(["predict", str(bad), str(images), "--out", str(out)])
+    assert "truncated or not a checkpoint" in _one_error(rc, err)
+    assert not (tmp_path / "new").exists()

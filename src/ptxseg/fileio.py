@@ -46,6 +46,16 @@ codecs.register_error(_PRINTABLE, _printable_errors)
 
 
 @contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An ``OSError`` here (disk full, a folder in the way...) names ``path``, the user's file,
+    not the hidden temporary file it is written through."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write ({exc.strerror or exc})", str(path)) from None
+
+
+@contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success rename it over ``path``.
 
@@ -57,21 +67,18 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
     path.parent.mkdir(parents=True, exist_ok=True)
     # the name is cut (to 100 bytes) so that the temp name stays within the usual 255-byte limit
     head = os.fsdecode(os.fsencode(path.name)[:100])
-    try:
+    with _naming(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{head}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:  # name the user's file, not the temporary one
-        raise OSError(exc.errno, f"cannot write ({exc.strerror})", str(path)) from None
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
             if hasattr(os, "fchmod"):  # POSIX
                 os.fchmod(fh.fileno(), _FILE_MODE)
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
+            with _naming(path):
+                fh.flush()
+                os.fsync(fh.fileno())
+        with _naming(path):
             os.replace(tmp, path)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot write ({exc.strerror})", str(path)) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
