@@ -4,7 +4,6 @@ predict runs, and predicting again into it replaces the previous predict's outpu
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -321,15 +320,6 @@ def test_export_replaces_a_ptxseg_export_or_with_overwrite(run, tmp_path):
     assert target.stat().st_mtime_ns >= first
     meta = {p.key for p in onnx.load(str(target)).metadata_props}
     assert "ptxseg.input_size" in meta
-
-
-def test_kaggle_rows_and_results_stay_in_step(run, images, tmp_path):
-    """A submission written with the outputs checked first still round-trips (sanity)."""
-    out = tmp_path / "o"
-    assert run_cli(["predict", str(run), str(images), "--out", str(out),
-                    "--kaggle-csv", str(out / "s.csv")])[0] == 0
-    with open(out / "s.csv", newline="") as fh:
-        assert [r["ImageId"] for r in csv.DictReader(fh)] == ["a", "b", "c"]
 
 
 def test_a_run_that_fails_to_load_its_model_leaves_no_new_out(run, images, tmp_path):

@@ -152,11 +152,16 @@ def test_fifos_are_reported_and_never_read(run, tmp_path):
     _image(manifest / "b.png", seed=1)
     os.mkfifo(manifest / "c.png")
     (manifest / "m.csv").write_text("image,mask\nb.png,\nc.png,\n")
+    dataset = tmp_path / "png"  # a FIFO as an image and as a mask of a png-layout folder
+    _image(dataset / "png_images" / "e.png", seed=2)
+    os.mkfifo(dataset / "png_images" / "f.png")
+    (dataset / "png_masks").mkdir()
+    os.mkfifo(dataset / "png_masks" / "e.png")
     out = tmp_path / "o"
     read_end, write_end = os.pipe()  # open, and never written: a read would wait forever
     try:
         done = _cli(
-            ["predict", str(run), str(src), str(manifest / "m.csv"), "/dev/stdin",
+            ["predict", str(run), str(src), str(manifest / "m.csv"), str(dataset), "/dev/stdin",
              "--out", str(out)], stdin=read_end,
         )  # fmt: skip
     finally:
@@ -168,9 +173,11 @@ def test_fifos_are_reported_and_never_read(run, tmp_path):
     assert rows[str(src / "pipe.png")]["status"] == fifo
     assert rows[str(manifest / "c.png")]["status"] == fifo
     assert rows["/dev/stdin"]["status"] == fifo
-    assert rows[str(src / "a.png")]["status"] == "ok"
-    assert rows[str(manifest / "b.png")]["status"] == "ok"
-    assert "error: 3 of 5 files could not be read" in done.stderr
+    assert rows[str(dataset / "png_images" / "f.png")]["status"] == fifo
+    for ok in (src / "a.png", manifest / "b.png", dataset / "png_images" / "e.png"):
+        assert rows[str(ok)]["status"] == "ok"
+    assert len(rows) == 7  # the FIFO mask is no input
+    assert "error: 4 of 7 files could not be read" in done.stderr
 
 
 def test_inspect_reports_fifos(tmp_path):

@@ -217,13 +217,15 @@ def _dataset_pairs(folder: Path) -> tuple[list[tuple[str, Path]], str] | None:
     except DataError:
         return None
     pairs = [(r.id, Path(r.image)) for r in found.records]
-    # a FIFO, a symlink loop... where an image should be: predicted, i.e. an error row
+    # a FIFO, a symlink loop... where an image (not a mask) should be: an error row
     have = {str(path) for _, path in pairs}
-    pairs += [
-        (Path(p.path).stem, Path(p.path))
-        for p in found.problems
-        if p.kind == "irregular" and p.path not in have
-    ]
+    for p in found.problems:
+        path = Path(p.path)
+        image = (layout == "png" and path.parent.name == "png_images") or (
+            layout == "ptx498" and ".1.img." in path.name.lower()
+        )
+        if p.kind == "irregular" and image and p.path not in have:
+            pairs.append((path.stem, path))
     return pairs, layout
 
 
