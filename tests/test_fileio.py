@@ -35,3 +35,14 @@ def test_png_and_text_round_trip(tmp_path):
     assert np.array_equal(cv2.imread(str(tmp_path / "sub" / "a.png"), cv2.IMREAD_UNCHANGED), arr)
     write_text(tmp_path / "t.txt", "héllo\n")
     assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "héllo\n"
+
+
+def test_a_failed_write_names_the_users_file(tmp_path):
+    """A folder where the file should go: the error names the file, not the temp file, and no
+    temp file is left."""
+    target = tmp_path / "sub.csv"
+    target.mkdir()
+    with pytest.raises(OSError) as info:
+        write_text(target, "x")
+    assert info.value.filename == str(target) and ".tmp" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.csv"]

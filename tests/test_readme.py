@@ -75,6 +75,8 @@ def sandbox(sample_dir, tmp_path_factory):
     for name in subset:
         for sub in ("png_images", "png_masks"):
             _link(sample_dir / sub / name, root / "data/siim-png" / sub / name)
+    for index in ("stage_1_train_images.csv", "stage_1_test_images.csv"):  # the re-packaging's
+        _link(sample_dir / index, root / "data/siim-png" / index)
     # original challenge layout: DICOMs one level down + a run-length CSV (BOM, leading space)
     dicoms = sorted((sample_dir / "dicom").glob("*.dcm"))
     rows = []
@@ -106,7 +108,7 @@ def _adapt(cmd: str) -> list[str]:
     return args
 
 
-def test_every_readme_command_runs(sandbox, monkeypatch):
+def test_every_readme_command_runs(sandbox, sample_dir, monkeypatch):
     from ptxseg.cli import main
 
     monkeypatch.chdir(sandbox)
@@ -132,6 +134,17 @@ def test_every_readme_command_runs(sandbox, monkeypatch):
     subs = list(csv.DictReader(open(sandbox / "predictions/submission.csv")))
     dicom_row = [r for r in subs if r["ImageId"].startswith("1.2.276.0.7230010")]
     assert len(subs) == 3 and len(dicom_row) == 1
+    # --id-map: the PNG re-packaging's submission carries the SIIM ImageIds of its index files
+    index = {}
+    for name in ("stage_1_train_images.csv", "stage_1_test_images.csv"):
+        rows = csv.DictReader(open(sample_dir / name))
+        index.update({r["new_filename"]: r["ImageId"] for r in rows})
+    results = list(csv.DictReader(open(sandbox / "predictions-siim/results.csv")))
+    siim_subs = list(csv.DictReader(open(sandbox / "predictions-siim/submission.csv")))
+    assert len(results) == 16
+    assert [r["ImageId"] for r in siim_subs] == [
+        index[Path(r["source"]).name] for r in results
+    ]
     torch_masks = sorted(p.name for p in (sandbox / "predictions/masks").iterdir())
     onnx_masks = sorted(p.name for p in (sandbox / "predictions-onnx/masks").iterdir())
     assert torch_masks == onnx_masks and len(torch_masks) == 3

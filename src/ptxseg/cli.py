@@ -501,6 +501,14 @@ def predict(
         Path | None,
         typer.Option("--kaggle-csv", help="Also write a SIIM-ACR submission CSV here."),
     ] = None,
+    id_maps: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--id-map",
+            help="SIIM stage_1_*_images.csv (new_filename,ImageId): the submission's ImageId "
+            "of each PNG, by file name (repeatable: train + test).",
+        ),
+    ] = None,
     backend: Annotated[
         Backend, typer.Option("--backend", help="torch: RUN/best.ckpt; onnx: RUN/model.onnx.")
     ] = "torch",
@@ -530,8 +538,15 @@ def predict(
             show_default=False,
         ),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace existing output files that ptxseg did not write."
+        ),
+    ] = False,
 ) -> None:
     """Predict masks: masks/<id>.png, overlays/<id>.png, results.csv (exit 2 if a file fails)."""
+    from ptxseg.errors import printable
     from ptxseg.predict import predict as predict_fn
 
     summary = predict_fn(
@@ -541,6 +556,7 @@ def predict(
         thresholds=thresholds,
         tta=tta.value,
         kaggle_csv=kaggle_csv,
+        id_maps=id_maps or [],
         backend=backend.value,
         model_path=model,
         batch_size=batch_size,
@@ -548,6 +564,7 @@ def predict(
         overlays=overlays,
         device=device.value,
         compile=compile,
+        overwrite=overwrite,
         progress=True,
         console=err_console,
     )
@@ -555,9 +572,9 @@ def predict(
     console.print(
         Text(
             f"{ok} image{'s' * (ok != 1)} predicted, {summary.n_positive} with pneumothorax "
-            f"({summary.images_per_s:.1f} images/s); wrote {out}/ (masks/, "
+            f"({summary.images_per_s:.1f} images/s); wrote {printable(out)}/ (masks/, "
             f"{'overlays/, ' if overlays else ''}results.csv)"
-            + (f" and {kaggle_csv}" if kaggle_csv else "")
+            + (f" and {printable(kaggle_csv)}" if kaggle_csv else "")
         ),
         soft_wrap=True,
     )
@@ -578,11 +595,16 @@ def export(
         float,
         typer.Option("--tolerance", min=0.0, help="Largest ONNX vs PyTorch probability gap."),
     ] = 1e-4,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace an existing --out that is not a ptxseg export."),
+    ] = False,
 ) -> None:
     """Export the run's model to ONNX (dynamic batch) and check parity with PyTorch."""
+    from ptxseg.errors import printable
     from ptxseg.export import export_run
 
-    result = export_run(run, out, tolerance=tolerance)
+    result = export_run(run, out, tolerance=tolerance, overwrite=overwrite)
     console.print(
         Text(
             f"parity: max |ONNX Runtime - PyTorch| probability = {result.max_abs_diff:.2e} "
@@ -590,7 +612,7 @@ def export(
         ),
         soft_wrap=True,
     )
-    console.print(Text(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB)"))
+    console.print(Text(f"wrote {printable(result.path)} ({result.bytes / 1e6:.1f} MB)"))
 
 
 # --- demo ---------------------------------------------------------------------------------

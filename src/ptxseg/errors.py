@@ -7,17 +7,36 @@ Messages name the file (or key) first and then the problem, e.g.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(m: re.Match) -> str:
+    code = ord(m.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def printable(name: str | os.PathLike) -> str:
+    """A file or folder name as text: bytes that are not UTF-8 (which Python keeps in ``str``
+    as lone surrogates, ``\\udcff`` for the byte ``0xff``) are written ``\\xff``.
+
+    The one rule for such names: messages, CSV cells and other text outputs show them so (a
+    name that is not UTF-8 cannot be written into a UTF-8 file as is), and dataset ids made
+    from them carry the same escape (``predict``'s file-safe ids turn the ``\\`` into ``_``).
+    """
+    return _SURROGATE.sub(_escape_surrogate, os.fspath(name))
 
 
 def one_line(text: str) -> str:
     """``text`` with control characters (newlines, terminal escapes...) written as escapes
-    (``\\n``, ``\\x1b``): file names and CSV cells quoted in a message can neither break
-    it over several lines nor send commands to the terminal."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    (``\\n``, ``\\x1b``) and bytes that are not UTF-8 as ``\\xff`` (:func:`printable`):
+    file names and CSV cells quoted in a message can neither break it over several lines nor
+    send commands to the terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], printable(text))
 
 
 class PtxsegError(Exception):

@@ -13,13 +13,16 @@ nothing else from the run folder (post-processing thresholds still come from
 ``thresholds.json`` or ``--thresholds``).
 
 The file is written only after parity is checked: ONNX Runtime and PyTorch (fp32, CPU) must
-agree within ``tolerance`` on the probabilities of a sample batch.
+agree within ``tolerance`` on the probabilities of a sample batch. The output path is checked
+before anything else (:func:`check_export_out`): never the run's config or checkpoint, never a
+folder, and an existing file only when it is a ptxseg export itself (or with ``overwrite``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -232,6 +235,45 @@ def parity(model: nn.Module, onnx_model: bytes | str | Path, sample: torch.Tenso
     return float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
 
 
+def is_ptxseg_onnx(path: Path) -> bool:
+    """Whether ``path`` is a regular file holding an ONNX model with ``ptxseg.*`` metadata."""
+    import onnx
+
+    from ptxseg.errors import DataError
+    from ptxseg.fileio import open_regular
+
+    try:
+        with open_regular(path) as fh:
+            proto = onnx.load_model_from_string(fh.read())
+    except (DataError, OSError):
+        return False
+    except Exception:  # noqa: BLE001 - protobuf raises its own types on foreign bytes
+        return False
+    return any(p.key.startswith("ptxseg.") for p in proto.metadata_props)
+
+
+def check_export_out(out: Path, inputs: list[Path], *, overwrite: bool = False) -> None:
+    """Refuse, before any work, an ``--out`` that cannot or must not be written: a folder (or
+    a FIFO, a symlink loop...), a missing or read-only folder, one of the export's own inputs
+    (same file after resolving), or an existing file that is not a ptxseg ONNX export unless
+    ``overwrite``.
+
+    Raises:
+        PtxsegError: naming ``out`` as the user gave it.
+    """
+    from ptxseg.fileio import resolved
+    from ptxseg.predict import check_output_file
+
+    check_output_file(out, "--out", create_folder=True)
+    if resolved(out) in {resolved(p) for p in inputs}:
+        raise PtxsegError(f"{out}: --out is one of the export's inputs; refusing to overwrite it")
+    if os.path.lexists(out) and not overwrite and not is_ptxseg_onnx(out):
+        raise PtxsegError(
+            f"{out}: exists and is not a ptxseg ONNX export; refusing to replace it "
+            "(--overwrite to replace it)"
+        )
+
+
 def export_run(
     run_dir: str | Path,
     out: str | Path | None = None,
@@ -240,6 +282,7 @@ def export_run(
     tolerance: float = DEFAULT_TOLERANCE,
     opset: int = OPSET,
     batch: int = 3,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export ``RUN/<which>.ckpt`` to ONNX (default ``RUN/model.onnx``) and check parity.
 
@@ -250,20 +293,25 @@ def export_run(
             file is not written when parity fails.
         batch: sample batch size for the parity check (differs from the export's batch of 2,
             so the dynamic batch axis is exercised too).
+        overwrite: replace an existing ``out`` that is not a ptxseg export.
 
     Raises:
         ConfigError, CheckpointError: the run folder's config or checkpoint is unusable.
-        PtxsegError: the export fails or parity is above ``tolerance``.
+        PtxsegError: ``out`` cannot or must not be written (:func:`check_export_out`), the
+            export fails or parity is above ``tolerance``.
     """
     from ptxseg import __version__
-    from ptxseg.model import load_run_model
+    from ptxseg.config import load_run_config
+    from ptxseg.model import load_model
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "model.onnx"
-    model, cfg = load_run_model(run_dir, which)
-    size = cfg.data.size
     ckpt = run_dir / f"{which}.ckpt"
+    cfg = load_run_config(run_dir)  # "not a run folder" comes first
+    check_export_out(out, [run_dir / "config.yaml", ckpt], overwrite=overwrite)
+    model = load_model(cfg, ckpt)
+    size = cfg.data.size
     meta = model_metadata(
         model,
         size,

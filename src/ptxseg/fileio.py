@@ -1,16 +1,24 @@
 """Atomic file writing: a kill at any moment leaves the old file or the new one, never half.
 
 Every file the project writes goes through these helpers (temp file in the same folder,
-fsync, ``os.replace``).
+fsync, ``os.replace``). Text is written as UTF-8; a name that is not UTF-8 (a lone surrogate
+in a ``str``) is written ``\\xff`` (:func:`ptxseg.errors.printable`) instead of failing.
+
+Reading: :func:`open_regular` opens regular files only (a FIFO, a device, a symlink loop is
+a one-line :class:`~ptxseg.errors.DataError`, never a read that blocks forever).
+:func:`folder_lock` keeps two processes from writing into one output folder at once.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -21,6 +29,30 @@ from typing import IO, Any
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
+_PRINTABLE = "ptxseg.printable"
+
+
+def _printable_errors(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler of text writes: a lone surrogate (a name byte that is not UTF-8)
+    becomes its ``\\xff`` escape, as in messages."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    from ptxseg.errors import printable
+
+    return printable(exc.object[exc.start : exc.end]), exc.end
+
+
+codecs.register_error(_PRINTABLE, _printable_errors)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An ``OSError`` here (disk full, a folder in the way...) names ``path``, the user's file,
+    not the hidden temporary file it is written through."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write ({exc.strerror or exc})", str(path)) from None
 
 
 @contextlib.contextmanager
@@ -30,22 +62,151 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
     On an exception the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
+    if "b" not in mode:
+        kwargs.setdefault("errors", _PRINTABLE)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the name is cut (to 100 bytes) so that the temp name stays within the usual 255-byte limit
     head = os.fsdecode(os.fsencode(path.name)[:100])
-    fd, tmp = tempfile.mkstemp(prefix=f".{head}.", suffix=".tmp", dir=path.parent)
+    with _naming(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{head}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
             if hasattr(os, "fchmod"):  # POSIX
                 os.fchmod(fh.fileno(), _FILE_MODE)
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            with _naming(path):
+                fh.flush()
+                os.fsync(fh.fileno())
+        with _naming(path):
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def not_regular(path: str | Path) -> str | None:
+    """``None`` for a regular file (symlinks followed), else what ``path`` is instead:
+    ``"a FIFO"``, ``"a socket"``, ``"a device"``, ``"a folder"``, ``"a symlink loop"``,
+    ``"a broken symlink"``, ``"missing"``... Only ``stat`` is called: nothing is opened."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "a broken symlink" if os.path.islink(path) else "missing"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symlink loop"
+        return f"not accessible ({exc.strerror})"
+    except ValueError:  # an embedded NUL
+        return "not a valid file name"
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return None
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def irregular_problem(kind: str) -> str:
+    """The problem text for what :func:`not_regular` found (``"missing"`` -> not found)."""
+    if kind == "missing":
+        return "file not found"
+    if kind in ("a symlink loop", "a broken symlink"):
+        return kind.removeprefix("a ")
+    return f"not a regular file ({kind})"
+
+
+def open_regular(path: str | Path) -> IO[bytes]:
+    """Open a regular file for binary reading; anything else is a :class:`DataError` naming
+    ``path`` (``file not found``, ``symlink loop``, ``not a regular file (a FIFO)``...).
+
+    ``stat`` is checked before opening, and the file is opened non-blocking and checked again
+    on the open handle, so a FIFO swapped in between cannot block the read either.
+    """
+    from ptxseg.errors import DataError
+
+    kind = not_regular(path)
+    if kind is not None:
+        raise DataError(path, irregular_problem(kind))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except OSError as exc:
+        problem = "symlink loop" if exc.errno == errno.ELOOP else f"cannot read ({exc.strerror})"
+        raise DataError(path, problem) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DataError(path, irregular_problem(not_regular(path) or "not a regular file"))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def resolved(path: str | Path) -> Path:
+    """The absolute path with symlinks resolved as far as they go (``os.path.realpath``):
+    unlike ``Path.resolve`` it never raises, not even on a symlink loop."""
+    return Path(os.path.realpath(path))
+
+
+class FolderBusy(OSError):
+    """The folder's lock is held by another process (``pid`` when it wrote one)."""
+
+    def __init__(self, folder: Path, pid: int | None):
+        self.folder, self.pid = folder, pid
+        super().__init__(errno.EBUSY, "in use", str(folder))
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, name: str = ".ptxseg.lock") -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder/name`` (created; holds the holder's pid) for the
+    block; the file is removed on exit. Raises :class:`FolderBusy` at once, without waiting,
+    when another process holds it. A no-op where ``fcntl`` does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(folder) / name
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = int(os.read(fd, 32).decode("ascii", "replace").strip() or "x")
+            except ValueError:
+                pid = None
+            os.close(fd)
+            raise FolderBusy(Path(folder), pid) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # the holder before us may have removed the file after we opened it: then our lock is
+        # on a file nobody else sees, and we start again on the current one
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)  # releases the lock
 
 
 def read_text(path: str | Path, what: str, *, missing: str = "file not found",
@@ -55,9 +216,13 @@ def read_text(path: str | Path, what: str, *, missing: str = "file not found",
     from ptxseg.errors import DataError
 
     try:
-        return Path(path).read_text(encoding=encoding)
-    except FileNotFoundError:
-        raise DataError(path, missing) from None
+        with open_regular(path) as fh:
+            data = fh.read()
+        return io.TextIOWrapper(io.BytesIO(data), encoding=encoding).read()
+    except DataError as exc:
+        if exc.problem == "file not found":
+            raise DataError(path, missing) from None
+        raise
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(path, f"cannot read {what} ({exc})") from None
 

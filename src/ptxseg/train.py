@@ -1030,36 +1030,36 @@ def fit(
     module.restart_schedule = plan is not None and plan.extend_from is not None
     # a new run that fails before its first checkpoint is removed again (nothing half-made)
     fresh = rank == 0 and not resume and not out.exists()
-    if rank == 0 and (not resume or restart):
-        rle = rle_csv_used(data, layout, cfg.data.rle)
-        info: dict[str, Any] = {
-            "root": str(data.resolve()), "layout": layout, "rle": rle and str(rle)
-        }
-        if init is not None:
-            info["init_from"] = init
-        if restart:
-            warnings.warn(
-                f"{out}: no last.ckpt (the run stopped before its first checkpoint): "
-                f"restarting it from scratch with its own config.yaml"
-                + (" and split.csv" if used_split else ""),
-                UserWarning,
-                stacklevel=2,
-            )
-            _remove_stale(out)
-        out.mkdir(parents=True, exist_ok=True)
-        with _writing(out / "config.yaml"):
-            save_config(cfg, out / "config.yaml")
-        with _writing(split_path):
-            write_split(split_path, records, assignment)
-        # the dataset, so `ptxseg tune RUN` finds the validation images without --data
-        with _writing(out / "data.json"):
-            write_json(out / "data.json", info)
-    elif rank == 0 and plan is not None:
-        _record_resume(cfg, out, plan)
-    if progress and rank == 0:
-        _announce(cfg, accelerator, layout, len(train_recs), len(val_recs), out, plan)
     trainer = None
     try:
+        if rank == 0 and (not resume or restart):
+            rle = rle_csv_used(data, layout, cfg.data.rle)
+            info: dict[str, Any] = {
+                "root": str(data.resolve()), "layout": layout, "rle": rle and str(rle)
+            }
+            if init is not None:
+                info["init_from"] = init
+            if restart:
+                warnings.warn(
+                    f"{out}: no last.ckpt (the run stopped before its first checkpoint): "
+                    f"restarting it from scratch with its own config.yaml"
+                    + (" and split.csv" if used_split else ""),
+                    UserWarning,
+                    stacklevel=2,
+                )
+                _remove_stale(out)
+            out.mkdir(parents=True, exist_ok=True)
+            with _writing(out / "config.yaml"):
+                save_config(cfg, out / "config.yaml")
+            with _writing(split_path):
+                write_split(split_path, records, assignment)
+            # the dataset, so `ptxseg tune RUN` finds the validation images without --data
+            with _writing(out / "data.json"):
+                write_json(out / "data.json", info)
+        elif rank == 0 and plan is not None:
+            _record_resume(cfg, out, plan)
+        if progress and rank == 0:
+            _announce(cfg, accelerator, layout, len(train_recs), len(val_recs), out, plan)
         with _restore_sigint(), quiet_lightning():
             train_loader = make_loader(cfg, train_recs, train=True, accelerator=accelerator)
             val_loader = make_loader(cfg, val_recs, train=False, accelerator=accelerator)

@@ -14,6 +14,9 @@ Images become ``uint8`` (H, W) grayscale whatever they were on disk:
 Masks become ``uint8`` (H, W) in {0, 1}: any non-zero PNG pixel is foreground; run-length
 masks (:class:`~ptxseg.data.records.RleMask`) are decoded at the image size, rows OR-ed.
 
+Only regular files are read (:func:`ptxseg.fileio.open_regular`): a FIFO, a device or a
+symlink loop is a ``DataError`` at once, never a read that waits forever.
+
 Every failure is a :class:`~ptxseg.errors.DataError` naming the file. Headers that claim more
 than ``MAX_PIXELS`` pixels are refused before anything is allocated.
 """
@@ -32,6 +35,7 @@ import numpy as np
 from ptxseg.data.records import Record, RleMask
 from ptxseg.data.rle import MAX_PIXELS, decode_mask
 from ptxseg.errors import DataError
+from ptxseg.fileio import open_regular
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"} | DICOM_SUFFIXES
@@ -59,10 +63,10 @@ def is_dicom(path: str | Path) -> bool:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return False
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             fh.seek(128)
             return fh.read(4) == b"DICM"
-    except OSError:
+    except (OSError, DataError):
         return False
 
 
@@ -98,15 +102,14 @@ def _to_gray(arr: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- raster (Pillow)
 
 
-def _open_pil(path: Path):
+def _open_pil(path: Path, fh):
+    """Open the image in the handle ``fh`` of ``path`` (from :func:`open_regular`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-    except FileNotFoundError:
-        raise DataError(path, "file not found") from None
+            im = Image.open(fh)
     except Image.DecompressionBombError as exc:
         raise DataError(path, f"header claims too many pixels; refused ({exc})") from None
     except UnidentifiedImageError:
@@ -121,9 +124,13 @@ def _open_pil(path: Path):
 def _load_pil(path: Path, *, palette_indices: bool = False) -> tuple[np.ndarray, str]:
     """Decode a raster file fully -> (array, mode). Palette images become gray through their
     palette, or stay palette indices with ``palette_indices`` (label masks)."""
+    with open_regular(path) as fh:
+        return _decode_pil(path, _open_pil(path, fh), palette_indices)
+
+
+def _decode_pil(path: Path, im, palette_indices: bool) -> tuple[np.ndarray, str]:
     from PIL import Image
 
-    im = _open_pil(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -168,17 +175,17 @@ def _dcmread(path: Path, **kwargs):
     from pydicom.errors import InvalidDicomError
 
     try:
-        try:
-            return pydicom.dcmread(path, **kwargs)
-        except InvalidDicomError:
-            ds = pydicom.dcmread(path, force=True, **kwargs)
-            if "Rows" not in ds and "SOPInstanceUID" not in ds:
-                raise DataError(path, "not a DICOM file") from None
-            return ds
+        with open_regular(path) as fh:
+            try:
+                return pydicom.dcmread(fh, **kwargs)
+            except InvalidDicomError:
+                fh.seek(0)
+                ds = pydicom.dcmread(fh, force=True, **kwargs)
+                if "Rows" not in ds and "SOPInstanceUID" not in ds:
+                    raise DataError(path, "not a DICOM file") from None
+                return ds
     except DataError:
         raise
-    except FileNotFoundError:
-        raise DataError(path, "file not found") from None
     except Exception as exc:  # pydicom raises many types on corrupt headers
         raise DataError(path, f"cannot read DICOM header ({type(exc).__name__}: {exc})") from None
 
@@ -290,22 +297,25 @@ def probe_image(path: str | Path) -> ImageInfo:
             ch = int(ds.get("SamplesPerPixel", 1) or 1)
             _check_pixels(path, w, h, int(ds.get("NumberOfFrames", 1) or 1), ch)
             return ImageInfo(w, h, int(ds.get("BitsStored", 8) or 8), ch, "DICOM")
-    im = _open_pil(path)
-    try:
-        w, h = im.size
-        fmt = im.format or path.suffix.lstrip(".").upper()
-        bands = len(im.getbands())
-        depth = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(im.mode, 8)
-        if fmt == "PNG":  # the IHDR has the true depth (Pillow reduces 16-bit RGB to 8)
-            with open(path, "rb") as fh:
+    with open_regular(path) as fh:
+        im = _open_pil(path, fh)
+        try:
+            w, h = im.size
+            fmt = im.format or path.suffix.lstrip(".").upper()
+            bands = len(im.getbands())
+            depth = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(
+                im.mode, 8
+            )
+            if fmt == "PNG":  # the IHDR has the true depth (Pillow reduces 16-bit RGB to 8)
+                fh.seek(0)
                 head = fh.read(26)
-            if len(head) == 26 and head[12:16] == b"IHDR":
-                depth, color = head[24], head[25]
-                bands = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(color, bands)
-                w, h = struct.unpack(">II", head[16:24])
-        return ImageInfo(int(w), int(h), int(depth), int(bands), fmt)
-    finally:
-        im.close()
+                if len(head) == 26 and head[12:16] == b"IHDR":
+                    depth, color = head[24], head[25]
+                    bands = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(color, bands)
+                    w, h = struct.unpack(">II", head[16:24])
+            return ImageInfo(int(w), int(h), int(depth), int(bands), fmt)
+        finally:
+            im.close()
 
 
 def read_image(path: str | Path) -> np.ndarray:

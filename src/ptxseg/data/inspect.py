@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +99,10 @@ def _check_mask_file(path: Path, shape: tuple[int, int], out: _Checked) -> np.nd
     return (raw > 0).astype(np.uint8)
 
 
-def _check(rec: Record) -> _Checked:
+def _check(rec: Record, reported: frozenset[str] = frozenset()) -> _Checked:
     out = _Checked()
+    if str(rec.image) in reported:  # missing, a FIFO...: the scan said so already
+        return out
     try:
         info = probe_image(rec.image)
         out.bit_depth, out.channels, out.format = info.bit_depth, info.channels, info.format
@@ -169,9 +172,10 @@ def inspect_dataset(
     found = scan(root, layout, labels=False, rle=rle)
     records = found.records
     problems = list(found.problems)
+    reported = frozenset(p.path for p in problems if p.kind in ("missing", "irregular"))
     checked: list[_Checked] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for i, result in enumerate(pool.map(_check, records), start=1):
+        for i, result in enumerate(pool.map(partial(_check, reported=reported), records), 1):
             checked.append(result)
             if on_progress:
                 on_progress(i, len(records))

@@ -58,8 +58,8 @@ from pathlib import Path
 from ptxseg.data.imageio import IMAGE_SUFFIXES, dicom_meta, read_mask_raw
 from ptxseg.data.records import Record, RleMask
 from ptxseg.data.rle import is_empty
-from ptxseg.errors import DataError
-from ptxseg.fileio import read_text
+from ptxseg.errors import DataError, printable
+from ptxseg.fileio import irregular_problem, not_regular, open_regular, read_text
 
 LAYOUTS = ("png", "siim", "ptx498", "csv")
 RASTER_SUFFIXES = IMAGE_SUFFIXES - {".dcm", ".dicom"}
@@ -149,9 +149,9 @@ def _is_manifest(header: list[str]) -> bool:
 
 def _csv_header(path: Path) -> list[str]:
     try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
+        with io.TextIOWrapper(open_regular(path), encoding="utf-8-sig", newline="") as fh:
             first = next(csv.reader(fh), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
+    except (OSError, UnicodeDecodeError, csv.Error, DataError):
         return []
     return [_norm(c) for c in first]
 
@@ -205,12 +205,20 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _files(folder: Path, suffixes: Iterable[str]) -> list[Path]:
+def _files(folder: Path, suffixes: Iterable[str], problems: list[Problem]) -> list[Path]:
+    """The regular files of ``folder`` with one of ``suffixes`` (hidden ones skipped); others
+    of those names (a FIFO, a symlink loop, a broken link...) are problems, kind ``irregular``."""
     suffixes = set(suffixes)
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
-    )
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in suffixes or p.name.startswith("."):
+            continue
+        kind = not_regular(p)
+        if kind is None:
+            found.append(p)
+        elif kind != "a folder":
+            problems.append(Problem(str(p), irregular_problem(kind), "irregular"))
+    return found
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -220,10 +228,10 @@ def _scan_png(root: Path, problems: list[Problem]) -> list[Record]:
     img_dir, mask_dir = root / "png_images", root / "png_masks"
     if not img_dir.is_dir():
         raise DataError(root, "png layout needs a png_images/ folder")
-    images = _files(img_dir, RASTER_SUFFIXES)
+    images = _files(img_dir, RASTER_SUFFIXES, problems)
     if not images:
         raise DataError(img_dir, "no images found (expected .png/.jpg/.tif files)")
-    masks = _files(mask_dir, RASTER_SUFFIXES) if mask_dir.is_dir() else []
+    masks = _files(mask_dir, RASTER_SUFFIXES, problems) if mask_dir.is_dir() else []
     by_name = {m.name: m for m in masks}
     by_stem = {m.stem: m for m in masks if m.suffix.lower() == ".png"}
     used: set[Path] = set()
@@ -236,7 +244,7 @@ def _scan_png(root: Path, problems: list[Problem]) -> list[Record]:
             )
         else:
             used.add(mask)
-        records.append(Record(id=img.stem, image=img, mask=mask))
+        records.append(Record(id=printable(img.stem), image=img, mask=mask))
     for m in masks:
         if m not in used:
             problems.append(
@@ -252,7 +260,7 @@ def _scan_ptx498(root: Path, problems: list[Problem]) -> list[Record]:
     records = []
     for site in sites:
         images, masks = {}, {}  # case number -> path
-        for p in sorted(p for p in site.iterdir() if p.is_file()):
+        for p in _files(site, {".png"}, problems):
             if m := _PTX_IMG.match(p.name):
                 images[m.group(1)] = p
             elif m := _PTX_MASK.match(p.name):
@@ -267,7 +275,7 @@ def _scan_ptx498(root: Path, problems: list[Problem]) -> list[Record]:
                     Problem(str(images[n]), f"image without mask (no {n}.2.mask.png)",
                             "missing-mask")
                 )
-            records.append(Record(id=f"{site.name}_{n}", image=images[n], mask=mask))
+            records.append(Record(printable(f"{site.name}_{n}"), images[n], mask))
     if not records:
         raise DataError(root, "no PTX-498 cases found (expected Site*/{n}.1.img.png)")
     return records
@@ -379,7 +387,7 @@ def _scan_siim(
         if problem is not None:
             problems.append(problem)
             continue
-        uid = info["SOPInstanceUID"] or path.stem
+        uid = info["SOPInstanceUID"] or printable(path.stem)
         key = uid if uid in rles else (path.stem if path.stem in rles else None)
         if key is None:
             mask, label = None, None
@@ -434,10 +442,13 @@ def _scan_csv(root: Path, problems: list[Problem]) -> list[Record]:
             raise DataError(path, f"line {i}: empty image cell")
         img = base / row["image"]
         mask = base / row["mask"] if row["mask"] else None
-        if not _is_file(img):
-            problems.append(Problem(str(img), f"image not found (line {i} of {path})", "missing"))
-        if mask is not None and not _is_file(mask):
-            problems.append(Problem(str(mask), f"mask not found (line {i} of {path})", "missing"))
+        for what, file in (("image", img), ("mask", mask)):
+            if file is not None and not _is_file(file):
+                kind = not_regular(file)
+                irregular = kind is not None and kind.startswith("a ")  # a FIFO, a folder...
+                problem = irregular_problem(kind) if irregular else f"{what} not found"
+                problems.append(Problem(str(file), f"{problem} (line {i} of {path})",
+                                        "irregular" if irregular else "missing"))
         ident = row.get("id") or img.stem
         if "/" in ident or "\\" in ident or ident in (".", ".."):
             problems.append(
@@ -506,6 +517,9 @@ def scan(
         raise DataError(None, f"unknown layout '{layout}' (choose from auto, {', '.join(LAYOUTS)})")
     if not root.exists():
         raise DataError(root, "dataset not found")
+    if not (root.is_dir() or root.is_file()):  # a FIFO, /dev/stdin...: never read
+        kind = not_regular(root)
+        raise DataError(root, f"a dataset must be a folder or a manifest CSV, not {kind}")
     if root.is_dir() and not any(root.iterdir()):
         raise DataError(root, "dataset folder is empty")
     if rle is not None and layout not in ("auto", "siim"):
