@@ -123,7 +123,9 @@ def test_a_run_whose_files_cannot_be_written_leaves_no_folder(synth_data, tmp_pa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(split_mod, "write_split", fail)
-    with pytest.raises(OSError):
+    from ptxseg.errors import PtxsegError
+
+    with pytest.raises(PtxsegError, match=r"split\.csv: disk full / could not write"):
         fit(tiny_config(**{"train.epochs": 1}), synth_data, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
