@@ -11,8 +11,13 @@ export PYTHONDONTWRITEBYTECODE = 1
 
 install: $(STAMP)
 
+# TORCH_INDEX: a PyTorch wheel index to take torch/torchvision from first, e.g. the CPU-only
+# builds (https://download.pytorch.org/whl/cpu: ~1 GB instead of ~5 GB of CUDA libraries).
+TORCH_INDEX ?=
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --disable-pip-version-check -q torch torchvision --index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -152,3 +152,62 @@ def test_every_readme_command_runs(sandbox, sample_dir, monkeypatch):
     assert (sandbox / "runs/siim-dicom/best.ckpt").exists()
     assert (sandbox / "demo-small/report.html").exists()
     assert (sandbox / "effb4-imagenet.pth").stat().st_size > 1_000_000
+
+
+def _output_paths(command: str) -> list[str]:
+    """The folders and files a README command writes: ``--out X``, ``--kaggle-csv X`` and the
+    OUT argument of ``synth``/``prepare``."""
+    args = shlex.split(command)
+    paths = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--out", "--kaggle-csv")]
+    if args[:2] in (["ptxseg", "synth"], ["ptxseg", "prepare"]):
+        positional = [a for a in args[2:] if not a.startswith("-")]
+        paths.append(positional[1] if args[1] == "prepare" else positional[0])
+    return paths
+
+
+def test_readme_outputs_are_ignored_by_git():
+    """Every folder or file the README's commands write in the project root is git-ignored, so
+    following the README never leaves untracked data or results to commit by mistake."""
+    import shutil
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    outputs = sorted({p for c in readme_commands(README.read_text(encoding="utf-8"))
+                      for p in _output_paths(c)})
+    assert "predictions" in outputs and "demo-small" in outputs  # the parser found them
+    outputs += ["demo"]  # make demo
+
+    def ignored(path: str) -> bool:  # a path that does not exist yet: as a file, or a folder
+        return any(
+            subprocess.run(["git", "check-ignore", "-q", "--no-index", p], cwd=REPO).returncode
+            == 0
+            for p in (path, f"{path}/x.png")
+        )
+
+    not_ignored = [p for p in outputs if not ignored(p)]
+    assert not not_ignored, f"README outputs not in .gitignore: {not_ignored}"
+
+
+def test_make_takes_torch_from_the_given_index(tmp_path):
+    """``make demo TORCH_INDEX=URL`` installs torch/torchvision from that index before the
+    project (the CPU-only route of the README); without it, nothing extra runs."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    url = "https://download.pytorch.org/whl/cpu"
+    venv = tmp_path / "venv"
+
+    def dry(*extra: str) -> list[str]:
+        out = subprocess.run(
+            ["make", "-n", "install", f"VENV={venv}", *extra],
+            cwd=REPO, capture_output=True, text=True, check=True,
+        ).stdout
+        return [line for line in out.splitlines() if "pip install" in line]
+
+    with_index = dry(f"TORCH_INDEX={url}")
+    assert len(with_index) == 2
+    assert "torch torchvision" in with_index[0] and f"--index-url {url}" in with_index[0]
+    assert '-e ".[dev]"' in with_index[1]
+    assert len(dry()) == 1 and "--index-url" not in dry()[0]
+    assert f"make demo TORCH_INDEX={url}" in README.read_text(encoding="utf-8")
