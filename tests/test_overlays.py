@@ -70,8 +70,12 @@ def test_colours_and_line_styles_tell_truth_from_prediction_in_grayscale():
 
     assert pieces(pred_only) == 1
     assert pieces(truth_only) >= 8
-    # outlines stay inside their region
-    assert not np.any(pred_only[~box.astype(bool)] != GRAY)
+    # the coloured line stays inside its region; outside it, only a 1 px black halo
+    outside = ~box.astype(bool)
+    assert not _is(pred_only, PRED_RGB)[outside].any()
+    ring = cv2.dilate(box, np.ones((3, 3), np.uint8)).astype(bool) & outside
+    assert _is(pred_only, (0, 0, 0))[ring].all()
+    assert not np.any(pred_only[outside & ~ring] != GRAY)
     # Okabe-Ito, not red on green
     assert PRED_RGB == (213, 94, 0) and TRUTH_RGB == (86, 180, 233)
 

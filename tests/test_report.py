@@ -140,8 +140,10 @@ def test_draw_contours_colours_and_downscale():
     # colour-blind safe: not the old red on green
     assert (GT_RGB, PRED_RGB) != ((0, 200, 0), (255, 40, 40))
     # masks at model resolution over a larger radiograph: the image is resized to them
+    # (and small masks are enlarged to the panel size, so that lines stay legible)
     small = draw_contours(image, gt[::16, ::16], pred[::16, ::16])
-    assert small.shape == (64, 48, 3)
+    assert small.shape == (384, 288, 3)
+    assert np.all(small == GT_RGB, axis=2)[:192, :144].any()
 
 
 def test_overlay_grid_png(tmp_path):

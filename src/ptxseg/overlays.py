@@ -8,9 +8,9 @@ Conventions:
 - told apart in grayscale too, by line style: the prediction's outline is solid (and in the
   ``filled`` style its region tinted), the truth's outline is dashed and never filled;
 - every outline has a thin black halo, so it shows on bright bone as on dark lung;
-- outlines are drawn just inside their region (the mask eroded by half the line width): a
-  prediction that covers the whole image is a frame inside the picture, not a line on its
-  edge that a border hides, and in the ``filled`` style the whole picture is tinted;
+- outlines are drawn on the inner side of their region's boundary: a prediction that covers
+  the whole image is a frame inside the picture, not a line on its edge that a border hides,
+  and in the ``filled`` style the whole picture is tinted;
 - the caption (a bar under the image, :func:`caption_lines`) says the finding: ``no
   pneumothorax`` on a negative, else ``PNEUMOTHORAX``, the side, the area (cm² where known,
   pixels) and the maximum probability; with a ground truth, a legend of the two line styles.
@@ -51,39 +51,22 @@ def line_width(shape: Sequence[int]) -> int:
     return max(2, round(max(shape[:2]) / 200))
 
 
-def _shrink(max_side: int | None, image: np.ndarray, *masks: np.ndarray):
+def _fit(max_side: int | None, min_side: int | None, image: np.ndarray, *masks: np.ndarray):
+    """``image`` and ``masks`` resized so that the longest side is at most ``max_side`` and at
+    least ``min_side`` (image: area / cubic interpolation, masks: nearest)."""
     h, w = image.shape[:2]
-    if max_side is None or max(h, w) <= max_side:
+    longest = max(h, w)
+    if max_side is not None and longest > max_side:
+        scale, interp = max_side / longest, cv2.INTER_AREA
+    elif min_side is not None and longest < min_side:
+        scale, interp = min_side / longest, cv2.INTER_CUBIC
+    else:
         return (image, *masks)
-    scale = max_side / max(h, w)
     dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
     return (
-        cv2.resize(image, dsize, interpolation=cv2.INTER_AREA),
+        cv2.resize(image, dsize, interpolation=interp),
         *(cv2.resize(m, dsize, interpolation=cv2.INTER_NEAREST) for m in masks),
     )
-
-
-def _inset_contours(mask: np.ndarray, inset: int) -> list[np.ndarray]:
-    """Contours of ``mask`` eroded by ``inset`` px, outside the image counting as background,
-    so that a line ``2 * inset + 1`` wide drawn on them stays inside the region; the mask's own
-    contours for a region too thin to erode."""
-    m = np.ascontiguousarray(mask != 0, dtype=np.uint8)
-    if inset > 0:
-        kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * inset + 1, 2 * inset + 1))
-        eroded = cv2.erode(m, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    else:
-        eroded = m
-    contours, _ = cv2.findContours(eroded, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-    contours = list(contours)
-    if inset > 0:  # components the erosion removed keep their own outline
-        n, labels = cv2.connectedComponents(m, connectivity=8)
-        kept = np.zeros(n, dtype=bool)
-        kept[np.unique(labels[eroded > 0])] = True
-        thin = (~kept[labels] & (m > 0)).astype(np.uint8)
-        if thin.any():
-            found, _ = cv2.findContours(thin, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-            contours.extend(found)
-    return contours
 
 
 def _dashes(contour: np.ndarray, dash: float, gap: float) -> list[np.ndarray]:
@@ -101,17 +84,30 @@ def _dashes(contour: np.ndarray, dash: float, gap: float) -> list[np.ndarray]:
 
 
 def _draw_outline(rgb: np.ndarray, mask: np.ndarray, color, width: int, dashed: bool) -> None:
-    contours = _inset_contours(mask, (width + 2) // 2)
+    """Outline the region of ``mask`` on its inner side: a band ``width`` px wide along its
+    boundary (its holes' too, and the image edge where it touches it), a 1 px black halo on
+    each side of it, nothing drawn outside the region but the outer halo. A part of the
+    region thinner than the band is coloured whole."""
+    m = np.ascontiguousarray(mask != 0, dtype=np.uint8)
+    contours, _ = cv2.findContours(m, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
     if dashed:
         dash = 3.0 * width + 4
         lines = [p.reshape(-1, 1, 2) for c in contours for p in _dashes(c, dash, 0.8 * dash)]
-        for pts in lines:
-            cv2.polylines(rgb, [pts], False, HALO_RGB, width + 2, cv2.LINE_8)
-        for pts in lines:
-            cv2.polylines(rgb, [pts], False, color, width, cv2.LINE_8)
     else:
-        cv2.drawContours(rgb, contours, -1, HALO_RGB, width + 2, cv2.LINE_8)
-        cv2.drawContours(rgb, contours, -1, color, width, cv2.LINE_8)
+        lines = [c.reshape(-1, 1, 2) for c in contours]
+    inside = m.astype(bool)
+    line = np.zeros(m.shape, np.uint8)  # the contour pixels (of the dashes), 1 px wide
+    cv2.polylines(line, lines, not dashed, 1, 1, cv2.LINE_8)
+
+    def within(radius: int) -> np.ndarray:  # pixels at most ``radius`` px from the line
+        kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+        return cv2.dilate(line, kernel).astype(bool)
+
+    band = within(width - 1) & inside
+    halo_in = within(width) & inside
+    halo_out = within(1) & ~inside
+    rgb[halo_out | halo_in] = HALO_RGB
+    rgb[band] = color
 
 
 def caption_lines(
@@ -204,6 +200,7 @@ def draw_overlay(
     caption: list[str] | None = None,
     max_side: int | None = None,
     legend: bool | None = None,
+    min_side: int | None = None,
 ) -> np.ndarray:
     """The radiograph with the prediction (vermillion, solid, tinted when ``style`` is
     ``filled``) and the ground truth (sky blue, dashed), and a caption bar under it.
@@ -215,6 +212,8 @@ def draw_overlay(
         style: ``filled`` or ``outline``.
         caption: the caption's lines (:func:`caption_lines`); None: no bar.
         max_side: shrink so that the longest side of the picture is at most this.
+        min_side: enlarge so that the longest side is at least this (small images: lines and
+            caption drawn at a size that stays legible).
         legend: a key of the two line styles in the caption bar (default: when ``truth`` is
             given).
 
@@ -231,7 +230,8 @@ def draw_overlay(
         if image.shape[:2] != shape:
             image = cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
     masks = [np.ascontiguousarray(m != 0, dtype=np.uint8) for m in masks]
-    image, *masks = _shrink(max_side, np.ascontiguousarray(image, dtype=np.uint8), *masks)
+    image, *masks = _fit(max_side, min_side, np.ascontiguousarray(image, dtype=np.uint8),
+                         *masks)
     pred_m = masks.pop(0) if pred is not None else None
     truth_m = masks.pop(0) if truth is not None else None
     rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)

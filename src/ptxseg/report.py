@@ -76,9 +76,11 @@ def draw_contours(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.nda
     (vermillion, solid, tinted), RGB, no caption (:func:`ptxseg.overlays.draw_overlay`).
 
     Shape:
-        - image, gt, pred: ``(H, W)``; output ``(h, w, 3)`` with the longest side <= PANEL_SIZE
+        - image, gt, pred: ``(H, W)``; output ``(h, w, 3)`` with the longest side PANEL_SIZE
+          (smaller images enlarged, so that lines and dashes stay legible)
     """
-    return draw_overlay(image, pred, gt, style="filled", max_side=PANEL_SIZE)
+    return draw_overlay(image, pred, gt, style="filled", max_side=PANEL_SIZE,
+                        min_side=PANEL_SIZE)
 
 
 def make_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, stats: ImageStats,
@@ -92,7 +94,7 @@ def make_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, stats: Image
 
     caption = caption_for(measure(pred, geometry, max_prob=stats.max_prob))
     rgb = draw_overlay(image, pred, gt, style="filled", caption=caption, max_side=PANEL_SIZE,
-                       legend=False)
+                       min_side=PANEL_SIZE, legend=False)
     name = stats.id if len(stats.id) <= 32 else stats.id[:29] + "..."
     return Panel(rgb, f"{name}\nDice {stats.dice:.3f}, truth {stats.true_area:,} px")
 
