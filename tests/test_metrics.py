@@ -149,3 +149,75 @@ def test_counts_do_not_overflow_int32():
 def test_confusion_counts_shape_mismatch():
     with pytest.raises(ValueError, match="differ in shape"):
         confusion_counts(np.zeros((2, 2)), np.zeros((3, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap confidence intervals
+
+
+def _loop_bootstrap(stats, n_resamples, seed, level=0.95):
+    """The direct bootstrap: resample b draws rng.integers(0, n, size=n) in turn, each
+    resample's metrics come from ``summarize`` of the drawn images (the point-estimate code),
+    undefined ones skipped; the interval is numpy's percentile of the defined ones."""
+    rng = np.random.default_rng(seed)
+    keys = {
+        "pooled.f1": ("pooled", "f1"),
+        "pooled.iou": ("pooled", "iou"),
+        "per_image.kaggle_dice": ("per_image", "kaggle_dice"),
+        "detection.sensitivity": ("detection", "sensitivity"),
+        "detection.specificity": ("detection", "specificity"),
+    }
+    values = {k: [] for k in keys}
+    for _ in range(n_resamples):
+        idx = rng.integers(0, len(stats), size=len(stats))
+        m = summarize([stats[i] for i in idx])
+        for k, (section, name) in keys.items():
+            if m[section][name] is not None:
+                values[k].append(m[section][name])
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    return {k: (list(np.percentile(v, q)) if v else None) for k, v in values.items()}, {
+        k: len(v) for k, v in values.items()
+    }
+
+
+@pytest.mark.parametrize("n, n_resamples, seed", [(7, 300, 0), (12, 40, 5)])
+def test_bootstrap_cis_against_a_direct_loop(n, n_resamples, seed):
+    from ptxseg.metrics import bootstrap_cis
+
+    *_, stats = _random_set(seed, n=n)
+    got = bootstrap_cis(stats, n_resamples=n_resamples, seed=seed)
+    expected, defined = _loop_bootstrap(stats, n_resamples, seed)
+    assert got["n_resamples"] == n_resamples and got["seed"] == seed and got["level"] == 0.95
+    assert got["n_defined"] == defined
+    for key, interval in expected.items():
+        assert got["intervals"][key] == pytest.approx(interval, abs=1e-12), key
+        lo, hi = got["intervals"][key]
+        assert lo <= hi
+    # seeded: same seed, same intervals; another seed, other intervals
+    assert bootstrap_cis(stats, n_resamples=n_resamples, seed=seed) == got
+    other = bootstrap_cis(stats, n_resamples=n_resamples, seed=seed + 1)
+    assert other["intervals"] != got["intervals"]
+    json.dumps(got, allow_nan=False)  # fits metrics.json
+
+
+def test_bootstrap_cis_undefined_metrics_and_levels():
+    from ptxseg.metrics import bootstrap_cis
+
+    g = np.zeros((8, 8), np.uint8)
+    g[:4, :4] = 1
+    # every image positive: specificity undefined in every resample
+    stats = [image_stats(f"p{i}", g if i % 2 else np.zeros_like(g), g, 0.5) for i in range(5)]
+    got = bootstrap_cis(stats, n_resamples=50, seed=0)
+    assert got["intervals"]["detection.specificity"] is None
+    assert got["n_defined"]["detection.specificity"] == 0
+    assert got["n_defined"]["detection.sensitivity"] == 50
+    # 2 of 5 images found: sensitivity of a resample is k/5 for some k, so are the bounds
+    lo, hi = got["intervals"]["detection.sensitivity"]
+    assert 0.0 <= lo <= 0.4 <= hi <= 1.0
+    # a wider level gives a wider (or equal) interval
+    wide = bootstrap_cis(stats, n_resamples=50, seed=0, level=0.99)["intervals"]
+    assert wide["pooled.iou"][0] <= got["intervals"]["pooled.iou"][0]
+    assert wide["pooled.iou"][1] >= got["intervals"]["pooled.iou"][1]
+    assert all(v is None for v in bootstrap_cis([], n_resamples=10)["intervals"].values())
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_cis(stats, level=95)

@@ -237,3 +237,102 @@ def summarize(stats: Sequence[ImageStats]) -> dict[str, Any]:
 
 def _arrays(stats: Sequence[ImageStats], names: Sequence[str]) -> list[np.ndarray]:
     return [np.array([getattr(s, n) for s in stats], dtype=np.int64) for n in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# confidence intervals
+
+#: the metrics :func:`bootstrap_cis` gives an interval for, as ``section.key`` of metrics.json
+CI_METRICS = (
+    "pooled.f1",  # pooled Dice
+    "pooled.iou",
+    "per_image.kaggle_dice",
+    "detection.sensitivity",
+    "detection.specificity",
+)
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+_CHUNK = 256  # resamples per block: bounds memory at _CHUNK x n_images counts
+
+
+def _resample_scores(
+    weights: np.ndarray, tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, dice: np.ndarray,
+    truth: np.ndarray, called: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Every CI metric of each resample; ``weights[b, i]`` is how many times image ``i`` is in
+    resample ``b``. NaN where a resample leaves a metric undefined."""
+    w = weights.astype(np.float64)
+    stp, sfp, sfn = w @ tp, w @ fp, w @ fn
+    n = w.sum(axis=1)
+    pos, neg = w @ truth, w @ ~truth
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "pooled.f1": np.where(2 * stp + sfp + sfn > 0, 2 * stp / (2 * stp + sfp + sfn), np.nan),
+            "pooled.iou": np.where(stp + sfp + sfn > 0, stp / (stp + sfp + sfn), np.nan),
+            "per_image.kaggle_dice": np.where(n > 0, (w @ dice) / n, np.nan),
+            "detection.sensitivity": np.where(pos > 0, (w @ (truth & called)) / pos, np.nan),
+            "detection.specificity": np.where(neg > 0, (w @ (~truth & ~called)) / neg, np.nan),
+        }
+
+
+def bootstrap_cis(
+    stats: Sequence[ImageStats],
+    *,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Percentile bootstrap confidence intervals over images for :data:`CI_METRICS`.
+
+    Resample ``b`` draws ``n`` images with replacement, ``rng.integers(0, n, size=n)`` of
+    ``rng = numpy.random.default_rng(seed)``, ``b = 0, 1, ...`` in turn (drawn in blocks of
+    rows, which numpy fills from the same stream); each metric is recomputed from the drawn
+    images' pixel counts (pooled Dice = ``pooled.f1``, pooled IoU, SIIM-ACR per-image Dice,
+    image-level sensitivity and specificity) and the interval is the ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles (numpy's linear interpolation) of the resamples where the
+    metric is defined. Same stats and seed, same intervals.
+
+    Returns:
+        ``{"method", "level", "n_resamples", "seed", "intervals": {"section.key": [lo, hi] or
+        None}, "n_defined": {"section.key": resamples where it was defined}}``; an interval is
+        ``None`` when no resample defines the metric (e.g. specificity without a negative
+        image), or with no image at all.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level: must be in (0, 1) (got {level!r})")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples: must be positive (got {n_resamples!r})")
+    n = len(stats)
+    out: dict[str, Any] = {
+        "method": "percentile bootstrap over images",
+        "level": level,
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "intervals": dict.fromkeys(CI_METRICS),
+        "n_defined": dict.fromkeys(CI_METRICS, 0),
+    }
+    if n == 0:
+        return out
+    tp, fp, fn = (a.astype(np.float64) for a in _arrays(stats, ("tp", "fp", "fn")))
+    dice = dice_scores(tp, fp, fn)
+    truth = (tp + fn) > 0
+    called = (tp + fp) > 0
+    rng = np.random.default_rng(seed)
+    scores: dict[str, list[np.ndarray]] = {k: [] for k in CI_METRICS}
+    rows = np.arange(_CHUNK)[:, None]
+    for start in range(0, n_resamples, _CHUNK):
+        k = min(_CHUNK, n_resamples - start)
+        idx = rng.integers(0, n, size=(k, n))
+        weights = np.zeros((k, n), dtype=np.int64)
+        np.add.at(weights, (rows[:k], idx), 1)
+        for key, values in _resample_scores(weights, tp, fp, fn, dice, truth, called).items():
+            scores[key].append(values)
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    for key in CI_METRICS:
+        values = np.concatenate(scores[key])
+        values = values[~np.isnan(values)]
+        out["n_defined"][key] = int(values.size)
+        if values.size:
+            lo, hi = np.percentile(values, q)
+            out["intervals"][key] = [float(lo), float(hi)]
+    return out

@@ -46,46 +46,51 @@ def plot_curves(metrics_csv: str | Path, out_png: str | Path) -> None:
 
 
 def plot_rows(rows: Sequence[dict[str, float]], out_png: str | Path) -> None:
-    """Write ``out_png``: loss (train, val) and validation IoU/Dice per epoch, with the best
-    IoU epoch marked, from rows as :func:`read_metrics` returns them. Written atomically."""
+    """Write ``out_png`` (:func:`curves_figure` of rows as :func:`read_metrics` returns them),
+    atomically."""
+    fig = curves_figure(rows)
+    try:
+        save_figure(out_png, fig)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def curves_figure(rows: Sequence[dict[str, float]]):
+    """Loss (train, val) and validation IoU/Dice per epoch, with the best IoU epoch marked (a
+    dashed line and a circle, named in the legend, so no annotation runs off the plot)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    try:
-        ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", ms=3, label="train loss")
-        ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", ms=3, label="val loss")
-        ax_loss.set_xlabel("epoch")
-        ax_loss.set_ylabel("BCE + Dice loss")
-        ax_loss.set_title("Loss")
-        ax_loss.grid(alpha=0.3)
-        ax_loss.legend()
-        ax_iou.plot(epochs, [r["val_iou"] for r in rows], "o-", ms=3, label="val IoU")
-        ax_iou.plot(epochs, [r["val_dice"] for r in rows], "o-", ms=3, label="val Dice")
-        if rows:
-            best = max(rows, key=lambda r: r["val_iou"])
-            ax_iou.axvline(best["epoch"], color="gray", ls="--", lw=1)
-            ax_iou.annotate(
-                f"best IoU {best['val_iou']:.4f} (epoch {best['epoch']})",
-                (best["epoch"], best["val_iou"]),
-                textcoords="offset points",
-                xytext=(4, -12),
-                fontsize=8,
-            )
-        ax_iou.set_xlabel("epoch")
-        ax_iou.set_ylabel("pooled pixels, threshold 0.5")
-        ax_iou.set_ylim(0, 1)
-        ax_iou.set_title("Validation IoU / Dice")
-        ax_iou.grid(alpha=0.3)
-        ax_iou.legend()
-        from matplotlib.ticker import MaxNLocator
-
-        for ax in (ax_loss, ax_iou):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.tight_layout()
-        save_figure(out_png, fig)
-    finally:
-        plt.close(fig)
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", ms=3, label="train loss")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", ms=3, label="val loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("BCE + Dice loss")
+    ax_loss.set_title("Loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    ax_iou.plot(epochs, [r["val_iou"] for r in rows], "o-", ms=3, label="val IoU")
+    ax_iou.plot(epochs, [r["val_dice"] for r in rows], "o-", ms=3, label="val Dice")
+    if rows:
+        best = max(rows, key=lambda r: r["val_iou"])
+        ax_iou.axvline(
+            best["epoch"], color="gray", ls="--", lw=1,
+            label=f"best IoU {best['val_iou']:.3f} (epoch {best['epoch']})",
+        )
+        ax_iou.plot([best["epoch"]], [best["val_iou"]], "o", ms=7, mfc="none", mec="black")
+    ax_iou.set_xlabel("epoch")
+    ax_iou.set_ylabel("pooled pixels, threshold 0.5")
+    ax_iou.set_ylim(0, 1)
+    ax_iou.set_title("Validation IoU / Dice")
+    ax_iou.grid(alpha=0.3)
+    ax_iou.legend(loc="best", fontsize=8)
+    for ax in (ax_loss, ax_iou):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig

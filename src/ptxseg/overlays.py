@@ -1,0 +1,267 @@
+"""Overlays a radiologist reads: the radiograph, the predicted region, the ground truth where
+there is one, and a caption with the finding.
+
+Conventions:
+
+- colours from the Okabe-Ito palette, told apart with any colour vision: prediction
+  vermillion :data:`PRED_RGB`, ground truth sky blue :data:`TRUTH_RGB` (never red on green);
+- told apart in grayscale too, by line style: the prediction's outline is solid (and in the
+  ``filled`` style its region tinted), the truth's outline is dashed and never filled;
+- every outline has a thin black halo, so it shows on bright bone as on dark lung;
+- outlines are drawn on the inner side of their region's boundary: a prediction that covers
+  the whole image is a frame inside the picture, not a line on its edge that a border hides,
+  and in the ``filled`` style the whole picture is tinted;
+- the caption (a bar under the image, :func:`caption_lines`) says the finding: ``no
+  pneumothorax`` on a negative, else ``PNEUMOTHORAX``, the side, the area (cm² where known,
+  pixels) and the maximum probability; with a ground truth, a legend of the two line styles.
+
+Text is drawn with OpenCV's Hershey font (ASCII): "cm2" for cm², and names from the data
+are never drawn into the picture (the report writes them as figure titles).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from ptxseg.measures import LesionMeasures
+
+#: Okabe-Ito vermillion and sky blue (Okabe & Ito 2008, "Color Universal Design")
+PRED_RGB = (213, 94, 0)
+TRUTH_RGB = (86, 180, 233)
+HALO_RGB = (0, 0, 0)
+BAR_RGB = (32, 32, 32)
+TEXT_RGB = (255, 255, 255)
+FILL_ALPHA = 0.35
+STYLES = ("filled", "outline")
+
+SIDE_WORDS = {
+    "right": "patient's right",
+    "left": "patient's left",
+    "both": "both sides",
+    "n/a": "side n/a",
+}
+
+
+def line_width(shape: Sequence[int]) -> int:
+    """Outline width in pixels for an image of ``shape``: 2 px up to 400 px, then 1 more per
+    200 px."""
+    return max(2, round(max(shape[:2]) / 200))
+
+
+def _fit(max_side: int | None, min_side: int | None, image: np.ndarray, *masks: np.ndarray):
+    """``image`` and ``masks`` resized so that the longest side is at most ``max_side`` and at
+    least ``min_side`` (image: area / cubic interpolation, masks: nearest)."""
+    h, w = image.shape[:2]
+    longest = max(h, w)
+    if max_side is not None and longest > max_side:
+        scale, interp = max_side / longest, cv2.INTER_AREA
+    elif min_side is not None and longest < min_side:
+        scale, interp = min_side / longest, cv2.INTER_CUBIC
+    else:
+        return (image, *masks)
+    dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return (
+        cv2.resize(image, dsize, interpolation=interp),
+        *(cv2.resize(m, dsize, interpolation=cv2.INTER_NEAREST) for m in masks),
+    )
+
+
+def _dashes(contour: np.ndarray, dash: float, gap: float) -> list[np.ndarray]:
+    """The pieces of a closed contour that are "on" in a dash / gap pattern by arc length."""
+    pts = contour.reshape(-1, 2)
+    if len(pts) < 3:
+        return [pts]
+    closed = np.vstack([pts, pts[:1]])
+    step = np.hypot(*np.diff(closed, axis=0).T)
+    arc = np.concatenate([[0.0], np.cumsum(step)])
+    on = (arc % (dash + gap)) < dash
+    edges = np.diff(np.concatenate([[False], on, [False]]).astype(np.int8))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return [closed[a : b + 1] for a, b in zip(starts, ends, strict=True) if b - a >= 1]
+
+
+def _draw_outline(rgb: np.ndarray, mask: np.ndarray, color, width: int, dashed: bool) -> None:
+    """Outline the region of ``mask`` on its inner side: a band ``width`` px wide along its
+    boundary (its holes' too, and the image edge where it touches it), a 1 px black halo on
+    each side of it, nothing drawn outside the region but the outer halo. A part of the
+    region thinner than the band is coloured whole."""
+    m = np.ascontiguousarray(mask != 0, dtype=np.uint8)
+    contours, _ = cv2.findContours(m, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    if dashed:
+        dash = 3.0 * width + 4
+        lines = [p.reshape(-1, 1, 2) for c in contours for p in _dashes(c, dash, 0.8 * dash)]
+    else:
+        lines = [c.reshape(-1, 1, 2) for c in contours]
+    inside = m.astype(bool)
+    line = np.zeros(m.shape, np.uint8)  # the contour pixels (of the dashes), 1 px wide
+    cv2.polylines(line, lines, not dashed, 1, 1, cv2.LINE_8)
+
+    def within(radius: int) -> np.ndarray:  # pixels at most ``radius`` px from the line
+        kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+        return cv2.dilate(line, kernel).astype(bool)
+
+    band = within(width - 1) & inside
+    halo_in = within(width) & inside
+    halo_out = within(1) & ~inside
+    rgb[halo_out | halo_in] = HALO_RGB
+    rgb[band] = color
+
+
+def caption_lines(
+    positive: bool,
+    max_prob: float | None = None,
+    area_px: int | None = None,
+    area_cm2: float | None = None,
+    side: str | None = None,
+) -> list[str]:
+    """The caption's lines: ``["no pneumothorax", "max p 0.12"]`` or
+    ``["PNEUMOTHORAX, patient's right", "12.3 cm2 (4,512 px), max p 0.97"]``."""
+    prob = "" if max_prob is None else f"max p {max_prob:.2f}"
+    if not positive:
+        return ["no pneumothorax", prob] if prob else ["no pneumothorax"]
+    head = "PNEUMOTHORAX"
+    if side and side in SIDE_WORDS:
+        head += f", {SIDE_WORDS[side]}"
+    parts = []
+    if area_cm2 is not None:
+        parts.append(f"{area_cm2:.1f} cm2" + (f" ({area_px:,} px)" if area_px is not None else ""))
+    elif area_px is not None:
+        parts.append(f"{area_px:,} px")
+    if prob:
+        parts.append(prob)
+    return [head, ", ".join(parts)] if parts else [head]
+
+
+def caption_for(measures: LesionMeasures) -> list[str]:
+    """:func:`caption_lines` of a prediction's :class:`~ptxseg.measures.LesionMeasures`."""
+    return caption_lines(
+        measures.area_px > 0, measures.max_prob, measures.area_px, measures.area_cm2,
+        measures.side,
+    )
+
+
+def _fit_scale(text: str, width: int, scale: float, thickness: int) -> float:
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    (tw, _), _ = cv2.getTextSize(text, font, scale, thickness)
+    return scale if tw <= width else scale * width / tw
+
+
+def _caption_bar(width: int, lines: list[str], legend: bool) -> np.ndarray:
+    """A dark bar ``width`` wide with the caption lines in white and, with ``legend``, a key
+    of the two line styles."""
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    margin = max(4, width // 60)
+    thickness = 1 if width < 700 else 2
+    scale = max(0.4, width / 600)  # text about 1/25 of the width high
+    rows = list(lines) + (["legend"] if legend else [])
+    usable = width - 2 * margin
+    scales = [_fit_scale(t, usable, scale, thickness) for t in lines]
+    (_, th), base = cv2.getTextSize("Ag", font, scale, thickness)
+    row_h = th + base + margin
+    bar = np.empty((margin + row_h * len(rows), width, 3), np.uint8)
+    bar[:] = BAR_RGB
+    y = margin
+    for i, text in enumerate(lines):
+        s = scales[i] * (1.15 if i == 0 else 1.0)
+        s = min(s, _fit_scale(text, usable, s, thickness))
+        cv2.putText(bar, text, (margin, y + th), font, s, TEXT_RGB,
+                    thickness + (1 if i == 0 else 0), cv2.LINE_AA)
+        y += row_h
+    if legend:
+        lw = max(2, round(width / 200))
+        seg = max(16, width // 12)
+        x = margin
+        for label, color, dashed in (("prediction", PRED_RGB, False), ("truth", TRUTH_RGB, True)):
+            yy = y + th // 2
+            if dashed:  # three dashes, two gaps
+                d = seg / 5
+                for k in (0, 2, 4):
+                    x0 = x + round(k * d)
+                    cv2.line(bar, (x0, yy), (x0 + round(d) - 1, yy), color, lw)
+            else:
+                cv2.line(bar, (x, yy), (x + seg - 1, yy), color, lw)
+            x += seg + margin
+            cv2.putText(bar, label, (x, y + th), font, scale * 0.9, TEXT_RGB, thickness,
+                        cv2.LINE_AA)
+            (tw, _), _ = cv2.getTextSize(label, font, scale * 0.9, thickness)
+            x += tw + 2 * margin
+    return bar
+
+
+def draw_overlay(
+    image: np.ndarray,
+    pred: np.ndarray | None = None,
+    truth: np.ndarray | None = None,
+    *,
+    style: str = "filled",
+    caption: list[str] | None = None,
+    max_side: int | None = None,
+    legend: bool | None = None,
+    min_side: int | None = None,
+) -> np.ndarray:
+    """The radiograph with the prediction (vermillion, solid, tinted when ``style`` is
+    ``filled``) and the ground truth (sky blue, dashed), and a caption bar under it.
+
+    Args:
+        image: gray ``uint8`` radiograph, any size (resized to the masks' size when they
+            differ).
+        pred, truth: ``(H, W)`` binary masks of one size (non-zero = lesion), or None.
+        style: ``filled`` or ``outline``.
+        caption: the caption's lines (:func:`caption_lines`); None: no bar.
+        max_side: shrink so that the longest side of the picture is at most this.
+        min_side: enlarge so that the longest side is at least this (small images: lines and
+            caption drawn at a size that stays legible).
+        legend: a key of the two line styles in the caption bar (default: when ``truth`` is
+            given).
+
+    Shape:
+        - output: ``(h + bar, w, 3)`` RGB uint8
+    """
+    if style not in STYLES:
+        raise ValueError(f"style: unknown '{style}' (valid: {', '.join(STYLES)})")
+    masks = [m for m in (pred, truth) if m is not None]
+    if masks:
+        shape = masks[0].shape[:2]
+        if any(m.shape[:2] != shape for m in masks):
+            raise ValueError("prediction and ground truth differ in shape")
+        if image.shape[:2] != shape:
+            image = cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    masks = [np.ascontiguousarray(m != 0, dtype=np.uint8) for m in masks]
+    image, *masks = _fit(max_side, min_side, np.ascontiguousarray(image, dtype=np.uint8),
+                         *masks)
+    pred_m = masks.pop(0) if pred is not None else None
+    truth_m = masks.pop(0) if truth is not None else None
+    rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    width = line_width(rgb.shape)
+    if pred_m is not None and pred_m.any():
+        if style == "filled":
+            tint = np.empty_like(rgb)
+            tint[:] = PRED_RGB
+            blended = cv2.addWeighted(rgb, 1.0 - FILL_ALPHA, tint, FILL_ALPHA, 0.0)
+            cv2.copyTo(blended, pred_m, rgb)
+        _draw_outline(rgb, pred_m, PRED_RGB, width, dashed=False)
+    if truth_m is not None and truth_m.any():
+        _draw_outline(rgb, truth_m, TRUTH_RGB, width, dashed=True)
+    if caption is None:
+        return rgb
+    show_legend = truth is not None if legend is None else legend
+    bar = _caption_bar(rgb.shape[1], caption, legend=show_legend)
+    return np.vstack([rgb, bar])
+
+
+def draw_prediction(
+    image: np.ndarray,
+    mask: np.ndarray,
+    measures: LesionMeasures,
+    *,
+    style: str = "filled",
+    max_side: int | None = None,
+) -> np.ndarray:
+    """predict's overlay of one image: :func:`draw_overlay` of the prediction alone with its
+    :func:`caption_for` caption (RGB; ``cv2.cvtColor(..., cv2.COLOR_RGB2BGR)`` for
+    :func:`ptxseg.fileio.write_png`)."""
+    return draw_overlay(image, mask, style=style, caption=caption_for(measures),
+                        max_side=max_side)
