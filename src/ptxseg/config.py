@@ -69,6 +69,14 @@ class DataConfig(_Section):
         description="run-length CSV of a siim dataset with several (relative: from the dataset "
         "folder); null = the folder's own",
     )
+    positive_fraction: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="share of training draws that show a pneumothorax (sampled with "
+        "replacement, an epoch = as many draws as training images); null = the natural rate "
+        "(plain shuffle)",
+    )
 
     @field_validator("size")
     @classmethod
@@ -110,19 +118,58 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
+    name: Literal["dice_bce", "focal", "dice_focal", "lovasz", "tversky"] = Field(
+        "dice_bce",
+        description="training loss (segmentation-models-pytorch, binary, from logits): "
+        "dice_bce = bce_weight x BCE + dice_weight x soft Dice (the paper's); focal; "
+        "dice_focal = dice_weight x Dice + focal_weight x focal; lovasz (Lovasz hinge); "
+        "tversky",
+    )
     bce_weight: float = Field(
-        1.0, ge=0.0, description="weight of the binary cross-entropy term of the loss"
+        1.0, ge=0.0, description="dice_bce: weight of the binary cross-entropy term"
     )
     dice_weight: float = Field(
-        1.0, ge=0.0, description="weight of the soft Dice term of the loss"
+        1.0, ge=0.0, description="dice_bce, dice_focal: weight of the soft Dice term"
+    )
+    focal_weight: float = Field(
+        1.0, ge=0.0, description="dice_focal: weight of the focal term"
+    )
+    focal_gamma: float = Field(
+        2.0, ge=0.0, description="focal, dice_focal: focusing exponent gamma"
+    )
+    focal_alpha: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="focal, dice_focal: weight of the positive class (alpha; negatives get "
+        "1 - alpha); null = no class weighting",
+    )
+    tversky_alpha: float = Field(
+        0.5, ge=0.0, description="tversky: weight of false positives (0.5 and 0.5 = Dice)"
+    )
+    tversky_beta: float = Field(
+        0.5, ge=0.0, description="tversky: weight of false negatives (above alpha: recall)"
+    )
+    tversky_gamma: float = Field(
+        1.0, gt=0.0, description="tversky: exponent of the loss (above 1: focal Tversky)"
     )
 
     @model_validator(mode="after")
     def _not_both_zero(self) -> LossConfig:
-        if self.bce_weight == 0 and self.dice_weight == 0:
+        if self.name == "dice_bce" and self.bce_weight == 0 and self.dice_weight == 0:
             raise ValueError(
                 "loss.bce_weight and loss.dice_weight are both 0: the loss would be constant "
                 "and nothing would be learned (set at least one above 0)"
+            )
+        if self.name == "dice_focal" and self.focal_weight == 0 and self.dice_weight == 0:
+            raise ValueError(
+                "loss.focal_weight and loss.dice_weight are both 0: the loss would be "
+                "constant and nothing would be learned (set at least one above 0)"
+            )
+        if self.name == "tversky" and self.tversky_alpha + self.tversky_beta == 0:
+            raise ValueError(
+                "loss.tversky_alpha and loss.tversky_beta are both 0: the Tversky index would "
+                "ignore every error (set at least one above 0)"
             )
         return self
 
@@ -180,6 +227,12 @@ class TrainConfig(_Section):
     log_every: int = Field(
         20, ge=1, description="steps between progress-bar loss updates (and NaN/inf checks)"
     )
+    logger: Literal["csv", "tensorboard", "mlflow"] = Field(
+        "csv",
+        description="experiment tracking besides the run's own metrics.csv (always written): "
+        "csv = nothing more; tensorboard = RUN/tensorboard/ event files; mlflow = a local "
+        "MLflow store RUN/mlflow.db (no server); both need pip install 'ptxseg[tracking]'",
+    )
     deterministic: Literal[False, True, "warn"] = Field(
         False,
         description="torch.use_deterministic_algorithms (and no cuDNN autotuning): true fails "
@@ -212,7 +265,7 @@ class AugmentConfig(_Section):
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig, description="dataset and input size")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the network")
-    loss: LossConfig = Field(default_factory=LossConfig, description="Dice + BCE loss")
+    loss: LossConfig = Field(default_factory=LossConfig, description="the training loss")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer, LR schedule")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop")
     augment: AugmentConfig = Field(
