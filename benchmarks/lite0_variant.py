@@ -239,9 +239,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     weights = args.weights or default_weights()
-    from ptxseg.weights import sha256_of
+    from ptxseg.model import file_sha256
 
-    emit({"weights": str(weights), "sha256": sha256_of(weights)})
+    emit({"weights": str(weights), "sha256": file_sha256(weights)})
     xr, labels = radiographs(args.data, args.size, args.n)
     nat = natural_images()
     xn = torch.stack(list(nat.values())) if nat else None
