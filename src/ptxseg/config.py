@@ -94,13 +94,15 @@ class ModelConfig(_Section):
     )
     encoder: str = Field(
         "efficientnet-b4",
-        description="encoder (backbone): any segmentation-models-pytorch encoder name",
+        description="encoder (backbone): any segmentation-models-pytorch encoder name, or "
+        "tu-NAME for a timm model NAME (e.g. tu-tf_efficientnet_lite0)",
     )
     encoder_weights: str | None = Field(
         "imagenet",
         description="encoder initialisation: 'imagenet' (downloaded on first use), null "
-        "(random), or a path to a local encoder weights file; not used (and not downloaded) "
-        "when model.init_from is set",
+        "(random), or a path to a local encoder weights file (smp, timm or EfficientNet-PyTorch "
+        "names, mapped by ptxseg.weights; its sha256 goes to weights.json); not used (and not "
+        "downloaded) when model.init_from is set",
     )
     bn_momentum: float | None = Field(
         None,

@@ -68,6 +68,13 @@ def available_encoders() -> list[str]:
     return sorted(smp.encoders.get_encoder_names())
 
 
+def _timm_universal(name: str) -> bool:
+    """smp's ``tu-NAME`` encoders: any timm model ``NAME`` (e.g. ``tu-tf_efficientnet_lite0``)."""
+    import timm
+
+    return name.startswith("tu-") and timm.is_model(name[3:])
+
+
 def build_model(cfg: ModelConfig, *, pretrained: bool = True) -> SegModel:
     """Build ``SegModel`` from the model section of the config.
 
@@ -83,9 +90,10 @@ def build_model(cfg: ModelConfig, *, pretrained: bool = True) -> SegModel:
             f"model.arch: unknown architecture '{cfg.arch}' (valid: {', '.join(sorted(archs))})"
         )
     encoders = available_encoders()
-    if cfg.encoder not in encoders:
+    if cfg.encoder not in encoders and not _timm_universal(cfg.encoder):
         raise ConfigError(
-            f"model.encoder: unknown encoder '{cfg.encoder}' (valid: {', '.join(encoders)})"
+            f"model.encoder: unknown encoder '{cfg.encoder}' (valid: {', '.join(encoders)}, "
+            "or tu-NAME for a timm model NAME)"
         )
     weights = cfg.encoder_weights if pretrained else None
     local_file: Path | None = None
@@ -109,41 +117,18 @@ def build_model(cfg: ModelConfig, *, pretrained: bool = True) -> SegModel:
             f"{cfg.encoder} ({type(exc).__name__}); offline, set encoder_weights to a local file "
             "(see README: offline pretrained weights) or null"
         ) from None
+    report = None
     if local_file is not None:
-        load_encoder_weights(net, local_file)
+        from ptxseg.weights import load_encoder_file  # names mapped, sha256, loaded/skipped
+
+        report = load_encoder_file(net.encoder, local_file, name=cfg.encoder)
     if cfg.bn_momentum is not None:
         for module in net.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = cfg.bn_momentum
-    return SegModel(net)
-
-
-def load_encoder_weights(net: nn.Module, path: Path) -> None:
-    """Load an encoder state dict saved with ``torch.save(net.encoder.state_dict(), path)``
-    (or a ``.safetensors`` file) into ``net.encoder``."""
-    if not path.exists():
-        raise ConfigError(f"model.encoder_weights: {path}: file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user problem
-        raise ConfigError(
-            f"model.encoder_weights: {path}: not a readable weights file ({type(exc).__name__})"
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    state = {k.removeprefix("encoder."): v for k, v in state.items()}
-    # nn.Module's own method: smp encoders override it without returning the key report
-    result = nn.Module.load_state_dict(net.encoder, state, strict=False)
-    if result.missing_keys:
-        raise ConfigError(
-            f"model.encoder_weights: {path}: does not match encoder "
-            f"({len(result.missing_keys)} missing keys, e.g. {result.missing_keys[0]})"
-        )
+    model = SegModel(net)
+    model.encoder_weights_report = report  # ptxseg.weights.WeightsReport or None
+    return model
 
 
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the legacy pickle format

@@ -1,10 +1,11 @@
 """Training: the paper's recipe as a LightningModule and a plain ``fit(cfg, data, out)``.
 
 The run folder ``out`` receives the resolved ``config.yaml``, ``split.csv``, ``data.json``
-(the dataset's path and layout, for ``ptxseg tune``), ``best.ckpt``
-(best validation IoU), ``last.ckpt``, ``metrics.csv`` (one row per epoch) and ``curves.png``;
-every file is written atomically. Validation IoU/Dice come from pixel counts pooled over the
-whole validation set at probability 0.5 (``logit > 0``).
+(the dataset's path and layout, for ``ptxseg tune``), ``weights.json`` (with a local
+``model.encoder_weights`` file: its sha256 and the tensors loaded, :mod:`ptxseg.weights`),
+``best.ckpt`` (best validation IoU), ``last.ckpt``, ``metrics.csv`` (one row per epoch) and
+``curves.png``; every file is written atomically. Validation IoU/Dice come from pixel counts
+pooled over the whole validation set at probability 0.5 (``logit > 0``).
 
 Speed on a GPU: bf16 autocast (fp16 with loss scaling where bf16 is missing), channels_last,
 ``torch.compile`` of the model, uint8 batches from DataLoader workers (decode, resize and
@@ -1031,6 +1032,8 @@ def fit(
     # a new run that fails before its first checkpoint is removed again (nothing half-made)
     fresh = rank == 0 and not resume and not out.exists()
     trainer = None
+    # a local encoder weights file: its sha256 and what was loaded (ptxseg.weights)
+    weights_report = getattr(module.model, "encoder_weights_report", None)
     try:
         if rank == 0 and (not resume or restart):
             rle = rle_csv_used(data, layout, cfg.data.rle)
@@ -1056,10 +1059,15 @@ def fit(
             # the dataset, so `ptxseg tune RUN` finds the validation images without --data
             with _writing(out / "data.json"):
                 write_json(out / "data.json", info)
+            if weights_report is not None:
+                with _writing(out / "weights.json"):
+                    write_json(out / "weights.json", weights_report.to_dict())
         elif rank == 0 and plan is not None:
             _record_resume(cfg, out, plan)
         if progress and rank == 0:
             _announce(cfg, accelerator, layout, len(train_recs), len(val_recs), out, plan)
+            if weights_report is not None:
+                log_line(weights_report.summary())
         with _restore_sigint(), quiet_lightning():
             train_loader = make_loader(cfg, train_recs, train=True, accelerator=accelerator)
             val_loader = make_loader(cfg, val_recs, train=False, accelerator=accelerator)
