@@ -15,7 +15,7 @@ from sklearn.metrics import confusion_matrix
 
 from ptxseg.cli import main
 from ptxseg.postprocess import PostParams, load_params
-from tests.conftest import make_run, parse_html_report
+from tests.conftest import make_run, parse_html_report, synth_dataset
 
 METRIC_LAYOUT = {
     "pooled": ["accuracy", "recall", "precision", "f1", "iou", "tn", "fp", "fn", "tp"],
@@ -41,11 +41,7 @@ def tuned(run, synth_data) -> Path:
 @pytest.fixture(scope="module")
 def data96(tmp_path_factory) -> Path:
     """Synthetic 96 px images: native resolution differs from the model's 64 px."""
-    from ptxseg.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("synth96") / "data"
-    generate(root, n=8, size=96, seed=3, positive_fraction=0.5)
-    return root
+    return synth_dataset(tmp_path_factory, n=8, size=96, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +126,11 @@ def _independent_counts(
     and scikit-learn's confusion matrix."""
     import torch
 
-    from ptxseg.inference import probs_to_native
-    from ptxseg.model import load_run_model
+    from ptxseg.data.imageio import probs_to_native
     from ptxseg.postprocess import binarize
+    from ptxseg.run import Run
 
-    model, _ = load_run_model(run)
+    model, _ = Run(run).load_model()
     out = {}
     for ident, gt in _masks(data).items():
         img = cv2.imread(str(data / "png_images" / f"{ident}.png"), cv2.IMREAD_GRAYSCALE)
@@ -372,7 +368,7 @@ def test_max_prob_is_the_same_in_predict_and_evaluate(data96, tmp_path):
     by hand; the image is 96 px, so a native-resolution maximum would differ."""
     import torch
 
-    from ptxseg.inference import probs_to_native
+    from ptxseg.data.imageio import probs_to_native
 
     run = tmp_path / "run"
     model = make_run(run, decisive=False, thresholds=PostParams())  # probabilities near 0.5
@@ -402,9 +398,9 @@ def test_tune_warns_when_the_model_finds_nothing(data96, tmp_path, capsys):
     the thresholds are not meaningful (and thresholds.json keeps the warning)."""
     import torch
 
+    from ptxseg.checkpoint import save_model_checkpoint
     from ptxseg.data.sources import load_records
     from ptxseg.data.split import write_split
-    from ptxseg.model import save_model_checkpoint
 
     run = tmp_path / "run"
     model = make_run(run, decisive=False)

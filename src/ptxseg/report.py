@@ -14,13 +14,18 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from ptxseg.fileio import save_figure, write_text
 from ptxseg.metrics import ImageStats
+
+if TYPE_CHECKING:
+    from ptxseg.run import Run
+
+TRAINING_CURVES_PNG = "training_curves.png"  # the run's curves, re-plotted into the report's out
 
 PANEL_SIZE = 384  # longest side of an overlay panel, pixels
 GT_RGB = (0, 200, 0)
@@ -148,21 +153,20 @@ def write_confusion_matrix(path: Path, pooled: dict[str, Any]) -> Path:
     return path
 
 
-def training_curves(run: Path, out: Path) -> Path | None:
-    """The run's loss/IoU curves: re-plotted from ``RUN/metrics.csv`` into
-    ``out/training_curves.png`` (``ptxseg.plots``), else the run's own ``curves.png``, else
+def training_curves(run: Run, out: Path) -> Path | None:
+    """The run's loss/IoU curves: re-plotted from its epoch metrics into
+    ``out/training_curves.png`` (``ptxseg.plots``), else the run's own curves figure, else
     None."""
     from ptxseg.errors import PtxsegError
     from ptxseg.plots import plot_curves
 
-    metrics_csv = run / "metrics.csv"
-    if metrics_csv.exists():
+    if run.metrics_path.exists():
         try:
-            plot_curves(metrics_csv, out / "training_curves.png")
-            return out / "training_curves.png"
+            plot_curves(run.metrics_path, out / TRAINING_CURVES_PNG)
+            return out / TRAINING_CURVES_PNG
         except (PtxsegError, OSError, ValueError):
             pass
-    return run / "curves.png" if (run / "curves.png").exists() else None
+    return run.curves_path if run.curves_path.exists() else None
 
 
 def grid_figure(thresholds_obj: dict[str, Any]):
@@ -286,14 +290,14 @@ img{max-width:100%;border:1px solid #eee}.muted{color:#777}code{background:#f4f4
 """
 
 
-def _train_ids_note(metrics: dict[str, Any], run: Path) -> list[str]:
+def _train_ids_note(metrics: dict[str, Any], run: Run) -> list[str]:
     """A warning paragraph when evaluated images are in the run's training split."""
     n = metrics.get("n_train_ids")
     if not n:
         return []
     return [
         f"<p class='warn'>{n:,} of the {metrics['n_images']:,} images (n_train_ids) have the "
-        f"ids of the run's training images (<code>{html.escape(str(run / 'split.csv'))}</code>)"
+        f"ids of the run's training images (<code>{html.escape(str(run.split_path))}</code>)"
         ": if they are the same images, their metrics are optimistic. Evaluate with "
         "<code>--split val</code> for the validation images only.</p>"
     ]
@@ -303,7 +307,7 @@ def write_report(
     path: Path,
     metrics: dict[str, Any],
     *,
-    run: Path,
+    run: Run,
     thresholds_path: Path | None,
     confusion_png: Path,
     curves_png: Path | None,
@@ -315,7 +319,7 @@ def write_report(
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>ptxseg evaluation: {e(run.name)}</title>",
+        f"<title>ptxseg evaluation: {e(run.path.name)}</title>",
         f"<style>{CSS}</style></head><body>",
         f"<h1>ptxseg evaluation of <code>{e(str(run))}</code></h1>",
         "<p>"
@@ -340,7 +344,7 @@ def write_report(
         parts.append(_img(_data_uri_png(curves_png), "training curves"))
     else:
         parts.append(
-            f"<p class='muted'>No training curves (no usable {e(str(run / 'metrics.csv'))}).</p>"
+            f"<p class='muted'>No training curves (no usable {e(str(run.metrics_path))}).</p>"
         )
 
     parts.append("<h2>Post-processing</h2>")
@@ -349,7 +353,7 @@ def write_report(
     thr_obj: dict[str, Any] = {}
     if metrics.get("thresholds_source") == "default":
         parts.append(
-            f"<p class='warn'>Default rule: {e(str(run / 'thresholds.json'))} not found (the run "
+            f"<p class='warn'>Default rule: {e(str(run.thresholds_path))} not found (the run "
             "was not tuned), so thresholds_source is <code>default</code>: probs &gt; 0.5, no "
             f"component removal. Run <code>ptxseg tune {e(str(run))}</code> to choose them.</p>"
         )
