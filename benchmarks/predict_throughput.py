@@ -69,7 +69,7 @@ def replicate(sample: Path, n: int, dest: Path) -> list[Path]:
 
 
 def input_batch(files: list[Path], size: int, batch: int) -> np.ndarray:
-    from ptxseg.data.imageio import resize_to
+    from ptxseg.data.resize import resize_to
 
     imgs = [resize_to(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), size) for p in files[:batch]]
     while len(imgs) < batch:

@@ -157,8 +157,8 @@ def pipeline_per_worker(cfg, records, n: int) -> dict:
     import cv2
 
     from ptxseg.augment import apply, build_train_transform
-    from ptxseg.data.dataset import resize_mask
-    from ptxseg.data.imageio import read_image, read_mask, resize_to
+    from ptxseg.data.imageio import read_image, read_mask
+    from ptxseg.data.resize import resize_mask, resize_to
 
     cv2.setNumThreads(1)  # as in a worker (ptxseg.data.dataset.worker_init)
     transform = build_train_transform(cfg.augment, cfg.train.seed)

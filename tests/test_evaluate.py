@@ -126,7 +126,7 @@ def _independent_counts(
     and scikit-learn's confusion matrix."""
     import torch
 
-    from ptxseg.data.imageio import probs_to_native
+    from ptxseg.data.resize import probs_to_native
     from ptxseg.postprocess import binarize
     from ptxseg.run import Run
 
@@ -368,7 +368,7 @@ def test_max_prob_is_the_same_in_predict_and_evaluate(data96, tmp_path):
     by hand; the image is 96 px, so a native-resolution maximum would differ."""
     import torch
 
-    from ptxseg.data.imageio import probs_to_native
+    from ptxseg.data.resize import probs_to_native
 
     run = tmp_path / "run"
     model = make_run(run, decisive=False, thresholds=PostParams())  # probabilities near 0.5

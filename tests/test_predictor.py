@@ -43,7 +43,7 @@ def test_in_memory_images_give_what_files_give(nets, grays, tmp_path):
     for i, gray in enumerate(grays):
         cv2.imwrite(str(tmp_path / f"{i}.png"), gray)
         entries.append((str(i), tmp_path / f"{i}.png"))
-    from ptxseg.data.imageio import probs_to_native
+    from ptxseg.data.resize import probs_to_native
 
     for (_item, probs), gray, got in zip(predictor.file_probs(entries), grays, in_memory,
                                         strict=True):  # fmt: skip
@@ -53,7 +53,7 @@ def test_in_memory_images_give_what_files_give(nets, grays, tmp_path):
 
 
 def test_an_ensemble_averages_its_members_probabilities(nets, grays):
-    from ptxseg.data.imageio import resize_to
+    from ptxseg.data.resize import resize_to
 
     x = np.stack([resize_to(g, SIZE) for g in grays])[:, None]
     members = [Member(TorchModel(net), SIZE) for net in nets]

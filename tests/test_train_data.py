@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ptxseg.data.dataset import SegDataset, resize_mask
-from ptxseg.data.imageio import resize_to
+from ptxseg.data.dataset import SegDataset
 from ptxseg.data.prepare import prepare
 from ptxseg.data.records import Record
+from ptxseg.data.resize import resize_mask, resize_to
 from ptxseg.data.sources import load_records
 from ptxseg.errors import DataError
 

@@ -96,7 +96,8 @@ def iter_predictions(
     Args:
         progress: description of a progress bar; ``None`` shows none.
     """
-    from ptxseg.data.imageio import probs_to_native, read_mask
+    from ptxseg.data.imageio import read_mask
+    from ptxseg.data.resize import probs_to_native
 
     at = At.parse(at, "--at")
     size = predictor.size

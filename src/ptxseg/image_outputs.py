@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from ptxseg.data.imageio import probs_to_native
+from ptxseg.data.resize import probs_to_native
 from ptxseg.data.rle import encode
 from ptxseg.errors import PtxsegError, printable
 from ptxseg.fileio import write_png

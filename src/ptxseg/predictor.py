@@ -192,7 +192,7 @@ class Predictor:
     def image_probs(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Probabilities of gray uint8 images ``(H, W)`` of any size, each back at its own
         size (bilinear), as :meth:`file_probs` computes them for files."""
-        from ptxseg.data.imageio import probs_to_native, resize_to
+        from ptxseg.data.resize import probs_to_native, resize_to
 
         out: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):

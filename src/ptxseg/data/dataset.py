@@ -8,9 +8,8 @@ tensors: the model normalises on the device, so the loader moves 1 byte per pixe
 
 Resizing comes before augmentation: the paper's augmentations are applied at model resolution
 (4-6x cheaper than at 1024 px, and the elastic transform's ``sigma=6`` is in pixels of the
-model input). Images are resized with :func:`ptxseg.data.imageio.resize_to` (area when
-shrinking); masks with :func:`resize_mask`, the same interpolation on 0/255 then a threshold
-at half, so that mask and image stay aligned to the sub-pixel.
+model input). Images and masks are resized by :mod:`ptxseg.data.resize`, aligned to the
+sub-pixel.
 
 A prediction item is one image file at model size plus what is needed to bring the prediction
 back (its native size, optionally the image itself); a file that cannot be read becomes an
@@ -29,8 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from ptxseg.data.imageio import resize_to
 from ptxseg.data.records import Record, require_ground_truth
+from ptxseg.data.resize import resize_mask, resize_to
 from ptxseg.errors import DataError, PtxsegError
 
 
@@ -45,19 +44,6 @@ class ItemError(DataError):
         if message.startswith("Caught ") and "\n" in message:  # re-raised by a worker
             message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         super().__init__(None, message)
-
-
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Resize a {0, 1} mask to (size, size), aligned with :func:`resize_to` of its image.
-
-    Shape:
-        - mask: ``(H, W)`` uint8 in {0, 1}
-        - returns ``(size, size)`` uint8 in {0, 1}
-    """
-    if mask.shape[:2] == (size, size):
-        return mask
-    up = (mask > 0).astype(np.uint8) * 255
-    return (resize_to(up, size) >= 128).astype(np.uint8)
 
 
 class SegDataset(Dataset):

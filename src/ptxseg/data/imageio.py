@@ -14,9 +14,6 @@ Images become ``uint8`` (H, W) grayscale whatever they were on disk:
 Masks become ``uint8`` (H, W) in {0, 1}: any non-zero PNG pixel is foreground; run-length
 masks (:class:`~ptxseg.data.records.RleMask`) are decoded at the image size, rows OR-ed.
 
-:func:`resize_to` brings an image to the model's input size (area when shrinking, linear when
-growing) and :func:`probs_to_native` brings a probability map back (bilinear).
-
 Only regular files are read (:func:`ptxseg.fileio.open_regular`): a FIFO, a device or a
 symlink loop is a ``DataError`` at once, never a read that waits forever.
 
@@ -386,26 +383,3 @@ def load_pair(record: Record) -> tuple[np.ndarray, np.ndarray | None]:
     if record.mask is None:
         return image, None
     return image, read_mask(record.mask, image.shape)
-
-
-# ----------------------------------------------------------------------------- model size
-
-
-def resize_to(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a (H, W) uint8 image to (size, size): area when shrinking, linear when growing
-    (the model input of training and prediction alike)."""
-    import cv2
-
-    if image.shape[:2] == (size, size):
-        return image
-    interp = cv2.INTER_AREA if image.shape[0] > size or image.shape[1] > size else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interp)
-
-
-def probs_to_native(probs: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bring a (S, S) probability map back to the image's own (height, width) (bilinear)."""
-    import cv2
-
-    if probs.shape == (height, width):
-        return probs
-    return cv2.resize(probs, (width, height), interpolation=cv2.INTER_LINEAR)

@@ -3,8 +3,8 @@ starve a fast GPU.
 
 Any layout in (png, siim DICOM + RLE, ptx498, csv), png layout out: ``png_images/ID.png``
 (uint8 gray, ``size`` x ``size``) and ``png_masks/ID.png`` (0/255). Images are resized like
-at training time (:func:`ptxseg.data.imageio.resize_to`), masks with
-:func:`ptxseg.data.dataset.resize_mask` (aligned with their image). Training on the copy gives
+at training time (:func:`ptxseg.data.resize.resize_to`), masks with
+:func:`ptxseg.data.resize.resize_mask` (aligned with their image). Training on the copy gives
 the same model inputs as training on the original, minus the decoding cost.
 
 Ids stay stable: the copy holds ``manifest.csv`` (columns ``id,image,mask,patient_id``) with
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ptxseg.data.dataset import resize_mask
 from ptxseg.data.ids import safe_id
-from ptxseg.data.imageio import load_pair, resize_to
+from ptxseg.data.imageio import load_pair
 from ptxseg.data.records import Record, require_ground_truth
+from ptxseg.data.resize import resize_mask, resize_to
 from ptxseg.errors import DataError
 from ptxseg.fileio import write_csv, write_png
 from ptxseg.progress import progress_bar
