@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from scipy import ndimage
 from sklearn.metrics import confusion_matrix
 
 from ptxseg.cli import main
@@ -118,16 +119,25 @@ def test_evaluate_writes_every_file(evaluated, tuned, data96):
     assert (evaluated / "training_curves.png").exists()
 
 
+def _pixel_rule_by_hand(probs: np.ndarray, params, scale: float) -> np.ndarray:
+    """The pixel rule written out without ptxseg: ``probs > threshold``, then the 8-connected
+    components (scipy) with fewer than ``removal_area * scale`` pixels removed."""
+    assert params.mode == "pixel"
+    labels, _ = ndimage.label(probs > params.binary_threshold, structure=np.ones((3, 3)))
+    keep = np.bincount(labels.ravel()) >= params.removal_area * scale
+    keep[0] = False
+    return keep[labels].astype(np.uint8)
+
+
 def _independent_counts(
     run: Path, params, data: Path, scale: float = (96 * 96) / (64 * 64)
 ) -> dict[str, tuple[int, int, int, float]]:
-    """Per image (tp, fp, fn, max prob): the model run by hand on the image resized to 64 px,
-    probabilities resized back to 96 px, the rule applied with areas scaled by 96^2 / 64^2,
-    and scikit-learn's confusion matrix."""
+    """Per image (tp, fp, fn, max prob), none of it by ptxseg's own post-processing: the
+    model run by hand on the image resized to 64 px (OpenCV), probabilities resized back to
+    96 px (OpenCV, bilinear), the rule written out with areas scaled by 96^2 / 64^2
+    (:func:`_pixel_rule_by_hand`), and scikit-learn's confusion matrix."""
     import torch
 
-    from ptxseg.data.resize import probs_to_native
-    from ptxseg.postprocess import binarize
     from ptxseg.run import Run
 
     model, _ = Run(run).load_model()
@@ -137,7 +147,8 @@ def _independent_counts(
         x = cv2.resize(img, (64, 64), interpolation=cv2.INTER_AREA)
         with torch.no_grad():
             probs = torch.sigmoid(model(torch.from_numpy(x)[None, None])).numpy()[0, 0]
-        pred = binarize(probs_to_native(probs, 96, 96), params, area_scale=scale)
+        native = cv2.resize(probs, (96, 96), interpolation=cv2.INTER_LINEAR)
+        pred = _pixel_rule_by_hand(native, params, scale)
         tn, fp, fn, tp = confusion_matrix(gt.ravel(), pred.ravel(), labels=[0, 1]).ravel()
         out[ident] = (int(tp), int(fp), int(fn), float(probs.max()))
     return out

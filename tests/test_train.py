@@ -237,8 +237,44 @@ def test_validation_without_positive_case_warns_and_trains(tmp_path):
     with pytest.warns(UserWarning, match="no positive case"):
         run = fit(tiny_config(**{"train.epochs": 1}), data, tmp_path / "run", progress=False)
     rows = read_metrics(run / "metrics.csv")
-    assert len(rows) == 1 and 0.0 <= rows[0]["val_iou"] <= 1.0
-    assert (run / "best.ckpt").is_file()
+    assert len(rows) == 1 and (run / "best.ckpt").is_file()
+    # the validation IoU/Dice, computed by hand: no lesion pixel, so only false positives
+    # (logit > 0) count, and an empty prediction on empty masks scores 1
+    model, _ = Run(run).load_model("last")
+    fp = 0
+    for ident, side in read_split(run / "split.csv").items():
+        if side == "val":
+            img = cv2.imread(str(data / "png_images" / f"{ident}.png"), cv2.IMREAD_GRAYSCALE)
+            with torch.no_grad():
+                fp += int((model(torch.from_numpy(img)[None, None]) > 0).sum())
+    expected = 1.0 if fp == 0 else 0.0
+    assert (rows[0]["val_iou"], rows[0]["val_dice"]) == (expected, expected), fp
+
+
+def test_a_validation_split_whose_lesions_vanish_at_model_size_warns(tmp_path):
+    """Positive by label, but every lesion pixel lost when the masks are resized to the model's
+    input (one pixel of 256 px at 64 px): the training module itself says so, since val
+    IoU/Dice then only measure false positives."""
+    from ptxseg.data.resize import resize_mask
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for sub in ("png_images", "png_masks"):
+        (data / sub).mkdir(parents=True)
+    for i in range(12):
+        mask = np.zeros((256, 256), np.uint8)
+        if i % 2 == 0:
+            mask[rng.integers(8, 248), rng.integers(8, 248)] = 255
+        assert not resize_mask(mask > 0, 64).any()  # the premise: nothing left at 64 px
+        cv2.imwrite(str(data / "png_images" / f"{i:02d}.png"),
+                    rng.integers(0, 256, (256, 256), dtype=np.uint8))  # fmt: skip
+        cv2.imwrite(str(data / "png_masks" / f"{i:02d}.png"), mask)
+    with pytest.warns(UserWarning) as caught:
+        fit(tiny_config(**{"train.epochs": 1}), data, tmp_path / "run", progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("the validation set has no positive pixel: val IoU/Dice only "
+                            "measure false positives") for m in messages), messages  # fmt: skip
+    assert not any("has no positive case" in m for m in messages)  # labels say positive
 
 
 # ------------------------------------------------------------------------------------------
