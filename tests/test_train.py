@@ -251,6 +251,28 @@ def test_validation_without_positive_case_warns_and_trains(tmp_path):
     assert (rows[0]["val_iou"], rows[0]["val_dice"]) == (expected, expected), fp
 
 
+def test_validation_iou_and_dice_are_the_pooled_pixel_counts(tiny_run, synth_data):
+    """The last epoch's val IoU/Dice in metrics.csv equal a hand computation with the last
+    checkpoint: logit > 0 against the masks at model size, pixels pooled over the validation
+    split."""
+    model, _ = Run(tiny_run).load_model("last")
+    tp = fp = fn = 0
+    for ident, side in read_split(tiny_run / "split.csv").items():
+        if side != "val":
+            continue
+        img = cv2.imread(str(synth_data / "png_images" / f"{ident}.png"), cv2.IMREAD_GRAYSCALE)
+        gt = cv2.imread(str(synth_data / "png_masks" / f"{ident}.png"), cv2.IMREAD_GRAYSCALE) > 0
+        with torch.no_grad():
+            pred = (model(torch.from_numpy(img)[None, None]) > 0)[0, 0].numpy()
+        tp += int((pred & gt).sum())
+        fp += int((pred & ~gt).sum())
+        fn += int((~pred & gt).sum())
+    assert tp > 0 and fp + fn > 0  # an informative case: neither 0 nor 1
+    row = read_metrics(tiny_run / "metrics.csv")[-1]
+    assert row["val_iou"] == pytest.approx(tp / (tp + fp + fn), rel=1e-6)
+    assert row["val_dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn), rel=1e-6)
+
+
 def test_a_validation_split_whose_lesions_vanish_at_model_size_warns(tmp_path):
     """Positive by label, but every lesion pixel lost when the masks are resized to the model's
     input (one pixel of 256 px at 64 px): the training module itself says so, since val
