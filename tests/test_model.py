@@ -66,6 +66,21 @@ def test_normalisation_follows_the_encoder_weights(sets, mean, std):
         assert np.allclose(seen["x"][0, c].double().numpy(), expected.numpy(), atol=1e-5)
 
 
+def test_every_pretrained_pair_smp_offers_has_a_normalisation():
+    """The table covers smp's whole registry (read without the network): no valid choice of
+    encoder weights is refused, and each pair gets one of the three known normalisations."""
+    from segmentation_models_pytorch.encoders import encoders
+
+    from ptxseg.normalization import lookup
+
+    pairs = [(name, w) for name, e in encoders.items() for w in e["pretrained_settings"]]
+    assert len(pairs) > 90
+    found = {lookup(name, w).mean for name, w in pairs}
+    assert found == {IMAGENET_MEAN, HALF, (124 / 255, 117 / 255, 104 / 255)}
+    assert lookup("xception", "imagenet").mean == HALF  # Inception-style weights
+    assert lookup("dpn68", "imagenet").std == pytest.approx((0.23482446870963955,) * 3)
+
+
 def test_an_unknown_encoder_weights_pair_is_refused_with_the_known_ones():
     with pytest.raises(ConfigError) as exc:
         build_model(tiny_config(**{"model.encoder_weights": "ssl"}).model, pretrained=False)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ptxseg.cli import main
+from ptxseg.cli.app import metrics_table
 from ptxseg.metrics import image_stats, summarize
 from ptxseg.postprocess import PostParams
 from ptxseg.report import (
@@ -22,7 +23,6 @@ from ptxseg.report import (
     grid_figure,
     make_panel,
     metric_rows,
-    metrics_table,
     training_curves,
     write_confusion_matrix,
     write_overlay,

@@ -46,29 +46,19 @@ IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # Inception / advprop / EfficientNet-lite
 DPN = Normalization((124 / 255, 117 / 255, 104 / 255), (1 / (0.0167 * 255),) * 3)
 
-#: (encoder pattern, weights, normalisation); the first matching row applies
-TABLE: tuple[tuple[str, str, Normalization], ...] = (
-    ("efficientnet-b*", "advprop", HALF),
-    ("timm-efficientnet-*", "advprop", HALF),
-    ("timm-tf_efficientnet_lite*", "imagenet", HALF),
-    ("inceptionresnetv2", "imagenet", HALF),
-    ("inceptionresnetv2", "imagenet+background", HALF),
-    ("inceptionv4", "imagenet", HALF),
-    ("inceptionv4", "imagenet+background", HALF),
-    ("xception", "imagenet", HALF),
-    ("dpn*", "imagenet", DPN),
-    ("dpn*", "imagenet+5k", DPN),
-    ("*", "imagenet", IMAGENET),
-    ("*", "ssl", IMAGENET),
-    ("*", "swsl", IMAGENET),
-    ("*", "instagram", IMAGENET),
-    ("*", "noisy-student", IMAGENET),
-    ("*", "noisy-student-475", IMAGENET),
+#: (encoder patterns, weights names, normalisation): these encoders with these weights were
+#: trained with that normalisation; the first matching row applies
+TABLE: tuple[tuple[tuple[str, ...], tuple[str, ...], Normalization], ...] = (
+    (("efficientnet-b*", "timm-efficientnet-*"), ("advprop",), HALF),
+    (("inceptionresnetv2", "inceptionv4"), ("imagenet", "imagenet+background"), HALF),
+    (("timm-tf_efficientnet_lite*", "xception"), ("imagenet",), HALF),
+    (("dpn*",), ("imagenet", "imagenet+5k"), DPN),
+    (("*",), ("imagenet", "ssl", "swsl", "instagram", "noisy-student", "noisy-student-475"),
+     IMAGENET),  # fmt: skip
 )
 
-
 #: the weights names of the table (``model.encoder_weights_kind``)
-WEIGHT_NAMES: tuple[str, ...] = tuple(dict.fromkeys(name for _, name, _ in TABLE))
+WEIGHT_NAMES: tuple[str, ...] = tuple(dict.fromkeys(w for _, names, _ in TABLE for w in names))
 
 
 def weights_file(value: str | None) -> Path | None:
@@ -98,7 +88,11 @@ def _timm(encoder: str) -> Normalization:
 
 
 def _row(encoder: str, weights: str) -> Normalization | None:
-    return next((n for p, w, n in TABLE if w == weights and fnmatchcase(encoder, p)), None)
+    return next(
+        (norm for patterns, names, norm in TABLE
+         if weights in names and any(fnmatchcase(encoder, p) for p in patterns)),
+        None,
+    )  # fmt: skip
 
 
 def lookup(encoder: str, weights: str) -> Normalization:

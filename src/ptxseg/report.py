@@ -232,25 +232,6 @@ def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def metrics_table(metrics: dict[str, Any]):
-    """A rich table of the metrics, for the terminal."""
-    from rich.table import Table
-
-    table = Table(
-        title=(
-            f"{metrics['n_images']} images ({metrics['n_positive']} with pneumothorax), "
-            f"compared at {metrics.get('compared_at', '?')} resolution"
-        )
-    )
-    table.add_column("section")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_column("note", style="dim")
-    for section, key, value, reason in metric_rows(metrics):
-        table.add_row(section, key, value, reason)
-    return table
-
-
 # ---------------------------------------------------------------------------------------------
 # HTML
 

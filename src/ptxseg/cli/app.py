@@ -15,7 +15,7 @@ import inspect
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -137,6 +137,27 @@ def library_warnings():
         warnings.simplefilter("default")
         warnings.showwarning = show
         yield
+
+
+def metrics_table(metrics: dict[str, Any]):
+    """A rich table of the metrics (the report's rows), for the terminal."""
+    from rich.table import Table
+
+    from ptxseg.report import metric_rows
+
+    table = Table(
+        title=(
+            f"{metrics['n_images']} images ({metrics['n_positive']} with pneumothorax), "
+            f"compared at {metrics.get('compared_at', '?')} resolution"
+        )
+    )
+    table.add_column("section")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("note", style="dim")
+    for section, key, value, reason in metric_rows(metrics):
+        table.add_row(section, key, value, reason)
+    return table
 
 
 def _print_version(value: bool) -> None:

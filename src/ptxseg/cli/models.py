@@ -22,6 +22,7 @@ from ptxseg.cli.app import (
     fail,
     files_named,
     library_warnings,
+    metrics_table,
     print_notes,
     with_model_options,
 )
@@ -111,7 +112,6 @@ def evaluate(
     model: dict | None = None,
 ) -> None:
     from ptxseg.evaluate import evaluate_run
-    from ptxseg.report import metrics_table
 
     with library_warnings():
         metrics = evaluate_run(

@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from ptxseg.cli.app import RleOption, absolute, app, console, err_console, library_warnings
+from ptxseg.cli.app import (
+    RleOption,
+    absolute,
+    app,
+    console,
+    err_console,
+    library_warnings,
+    metrics_table,
+)
 from ptxseg.data.sources import Layout
 from ptxseg.errors import one_line
 from ptxseg.run import LAST
@@ -116,7 +124,6 @@ def demo(
     import torch
 
     from ptxseg.demo import default_size, run_demo
-    from ptxseg.report import metrics_table
 
     size = default_size(torch.cuda.is_available())
     size.n_train = n_train or size.n_train
