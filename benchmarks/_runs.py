@@ -20,25 +20,27 @@ def make_random_run(
     removal area). Returns the model (CPU, eval)."""
     import torch
 
+    from ptxseg.checkpoint import save_model_checkpoint
     from ptxseg.config import load_config, save_config
-    from ptxseg.model import build_model, save_model_checkpoint
+    from ptxseg.model import build_model
     from ptxseg.postprocess import PostParams, save_params
+    from ptxseg.run import Run
 
     cfg = load_config(
         "paper",
         [f"model.encoder={encoder}", "model.encoder_weights=null", f"data.size={size}", *extra],
     )
     run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
+    save_config(cfg, Run(run).config_path)
     torch.manual_seed(0)
     model = build_model(cfg.model, pretrained=False).eval()
     head = model.net.segmentation_head[0]
     with torch.no_grad():
         head.weight.mul_(150.0)
         head.bias.mul_(150.0).sub_(13.0)
-    save_model_checkpoint(model, run / "best.ckpt")
+    save_model_checkpoint(model, Run(run).checkpoint(), cfg)
     save_params(
         PostParams(binary_threshold=0.5, removal_area=removal_area, size=size),
-        run / "thresholds.json",
+        Run(run).thresholds_path,
     )
     return model

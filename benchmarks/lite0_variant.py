@@ -93,8 +93,9 @@ def build(variant: str, weights: Path | None) -> nn.Module:
 
 def radiographs(root: Path, size: int, n: int) -> tuple[torch.Tensor, np.ndarray]:
     """The images (N, 3, size, size) in [0, 1] and their labels (file names ``*_{0,1}_.png``)."""
+    from ptxseg.data.resize import resize_to
+
     from ptxseg.data.imageio import read_image
-    from ptxseg.inference import resize_to
 
     files = sorted((root / "png_images").glob("*.png"))[:n]
     arr = np.stack([resize_to(read_image(f), size) for f in files])
@@ -239,9 +240,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     weights = args.weights or default_weights()
-    from ptxseg.model import file_sha256
+    from ptxseg.fileio import sha256_file
 
-    emit({"weights": str(weights), "sha256": file_sha256(weights)})
+    emit({"weights": str(weights), "sha256": sha256_file(weights)})
     xr, labels = radiographs(args.data, args.size, args.n)
     nat = natural_images()
     xn = torch.stack(list(nat.values())) if nat else None

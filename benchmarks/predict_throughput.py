@@ -69,7 +69,7 @@ def replicate(sample: Path, n: int, dest: Path) -> list[Path]:
 
 
 def input_batch(files: list[Path], size: int, batch: int) -> np.ndarray:
-    from ptxseg.inference import resize_to
+    from ptxseg.data.resize import resize_to
 
     imgs = [resize_to(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), size) for p in files[:batch]]
     while len(imgs) < batch:
@@ -77,27 +77,9 @@ def input_batch(files: list[Path], size: int, batch: int) -> np.ndarray:
     return np.stack(imgs)[:, None]
 
 
-def bare_torch(model, x: np.ndarray, n: int, tta: str, device: torch.device, warmup: int) -> float:
-    from ptxseg.inference import forward_probs
-
-    xt = torch.from_numpy(x).to(device)
-    batches = max(1, -(-n // x.shape[0]))
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        forward_probs(model, xt, tta)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        forward_probs(model, xt, tta)
-    sync()
-    return batches * x.shape[0] / (time.perf_counter() - t0)
-
-
-def bare_onnx(model, x: np.ndarray, n: int, tta: str, warmup: int) -> float:
+def bare_rate(model, x: np.ndarray, n: int, tta: str, warmup: int) -> float:
+    """One backend of the predictor alone (``TorchModel`` or ``OnnxModel``: ``probs`` of a host
+    batch, probabilities back on the host, as predict runs it), images/s."""
     batches = max(1, -(-n // x.shape[0]))
     for _ in range(warmup):
         model.probs(x, tta)
@@ -127,12 +109,15 @@ def main() -> None:
 
     from rich.console import Console
 
-    from ptxseg.export import OnnxModel, export_run, onnx_providers
-    from ptxseg.inference import pick_device, prepare_model
+    from ptxseg.export import export_run
+    from ptxseg.hardware import inference_batch_size, resolve_device
+    from ptxseg.onnx_runtime import OnnxModel, onnx_providers
     from ptxseg.predict import predict
+    from ptxseg.predictor import TorchModel
+    from ptxseg.run import Run
 
-    device = pick_device(args.device)
-    batch = args.batch_size or (32 if device.type == "cuda" else 4)
+    device = torch.device(resolve_device(args.device))
+    batch = inference_batch_size(args.batch_size, device.type)
     args.n = args.n or (2048 if device.type == "cuda" else 32)
     warmup = 3 if args.compile else 1
     machine = {
@@ -160,17 +145,17 @@ def main() -> None:
                 rates: dict[tuple[str, str], float] = {}
                 for backend in args.backends.split(","):
                     if backend == "torch":
-                        m = prepare_model(model, device, compile=args.compile)
-                        bare_once = partial(bare_torch, m, x, args.n, tta, device, warmup)
+                        m = TorchModel(model, device.type, compile=args.compile)
+                        bare_once = partial(bare_rate, m, x, args.n, tta, warmup)
                     else:
-                        if not (run / "model.onnx").exists():
+                        if not Run(run).onnx_path.exists():
                             res = export_run(run)
                             emit({"figure": "onnx_parity", **common,
                                   "max_abs_diff": res.max_abs_diff,
                                   "export_s": round(res.seconds, 1)})
                         providers = onnx_providers(device.type == "cuda")
-                        om = OnnxModel(run / "model.onnx", providers)
-                        bare_once = partial(bare_onnx, om, x, args.n, tta, warmup)
+                        om = OnnxModel(Run(run).onnx_path, providers)
+                        bare_once = partial(bare_rate, om, x, args.n, tta, warmup)
                     out = work / f"out-{encoder}-{backend}-{tta}"
                     bares, preds = [], []
                     for _ in range(args.repeats):  # interleaved: drift hits both alike

@@ -2,11 +2,12 @@
 
 Figures (one JSON line each on stdout):
 
-- ``bare_step``: the same model, loss and optimizer (``ptxseg.train.build_module`` + Adam, the
-  config's precision / channels_last / compile) on random uint8 tensors already on the device;
+- ``bare_step``: the same model, loss and optimizer (``ptxseg.lightning_module.build_module`` +
+  Adam, the config's precision / channels_last / compile) on random uint8 tensors already on
+  the device;
   images/s after warm-up, synchronised at the start, middle and end of the timed window;
 - ``project_loop``: the project's own loop, a Lightning ``Trainer`` with the run's hardware
-  settings (``ptxseg.train.hardware_kwargs``) fed by ``ptxseg.train.make_loader`` (DataLoader
+  settings (``ptxseg.trainer.hardware_kwargs``) fed by ``ptxseg.train.make_loader`` (DataLoader
   workers decoding real files from ``--data``, resizing, the paper's augmentations), same
   window; ``images_per_s_second_half`` excludes what the loader had buffered before the window;
 - ``loop_over_bare``: the ratio of the two (second-half rate of the loop, the conservative one)
@@ -73,7 +74,8 @@ def _rates(t0: float, t_mid: float, t_end: float, steps: int, batch: int) -> dic
 
 
 def bare_step(cfg, steps: int, warmup: int) -> dict:
-    from ptxseg.train import build_module, hardware_kwargs
+    from ptxseg.lightning_module import build_module
+    from ptxseg.trainer import hardware_kwargs
 
     hw = hardware_kwargs(cfg)
     device = torch.device("cuda" if hw["accelerator"] == "cuda" else "cpu")
@@ -112,7 +114,9 @@ def project_loop(cfg, records, steps: int, warmup: int) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from ptxseg.train import build_module, hardware_kwargs, make_loader, quiet_lightning
+    from ptxseg.lightning_module import build_module
+    from ptxseg.train import make_loader
+    from ptxseg.trainer import QUIET_TRAINER, hardware_kwargs, quiet_lightning
 
     hw = {**hardware_kwargs(cfg), "devices": 1, "num_nodes": 1, "strategy": "auto"}
     device = torch.device("cuda" if hw["accelerator"] == "cuda" else "cpu")
@@ -131,16 +135,14 @@ def project_loop(cfg, records, steps: int, warmup: int) -> dict:
 
     with quiet_lightning():
         module = build_module(cfg, pretrained=False)
-        loader = make_loader(cfg, records, train=True, accelerator=hw["accelerator"])
+        loader = make_loader(cfg, records, train=True, device=hw["accelerator"])
         trainer = L.Trainer(
             **hw,
+            **QUIET_TRAINER,
             max_steps=warmup + steps,
             limit_val_batches=0,
-            logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
             callbacks=[Window()],
         )
         trainer.fit(module, train_dataloaders=loader)
@@ -155,9 +157,8 @@ def pipeline_per_worker(cfg, records, n: int) -> dict:
     import cv2
 
     from ptxseg.augment import apply, build_train_transform
-    from ptxseg.data.dataset import resize_mask
     from ptxseg.data.imageio import read_image, read_mask
-    from ptxseg.inference import resize_to
+    from ptxseg.data.resize import resize_mask, resize_to
 
     cv2.setNumThreads(1)  # as in a worker (ptxseg.data.dataset.worker_init)
     transform = build_train_transform(cfg.augment, cfg.train.seed)
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ptxseg.config import load_config
     from ptxseg.data.sources import load_records
-    from ptxseg.train import hardware_kwargs, resolve_switch
+    from ptxseg.hardware import resolve_switch
+    from ptxseg.trainer import hardware_kwargs
 
     sets = [
         f"data.size={args.size}",

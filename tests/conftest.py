@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # smp otherwise retries the hub for ~25 s
@@ -18,6 +20,43 @@ torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "siim-sample"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python process: this checkout's ``src/`` first on its path
+    (so it runs this code, whatever package is installed) and the repository root (for
+    ``tests.*``), offline."""
+    paths = [str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join(p for p in paths if p), **extra}  # fmt: skip
+
+
+def run_bounded(cmd: list[str], timeout: float, what: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group, output captured as text; past ``timeout`` the whole
+    group (DataLoader workers included) is killed and the test fails, never hangs."""
+    kwargs.setdefault("env", subprocess_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{what} still running after {timeout:.0f} s (killed)")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def sigkill(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGKILL a child (a crash no handler sees) and check that it died of it."""
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=timeout) == -signal.SIGKILL
+
+
+def reap(proc: subprocess.Popen) -> None:
+    """Kill and wait for a child that is still running (a test's ``finally``)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -112,8 +151,9 @@ def make_run(run, *, encoder="efficientnet-b0", decisive=True, thresholds=None, 
     Returns the model (CPU, eval)."""
     import torch
 
+    from ptxseg.checkpoint import save_model_checkpoint
     from ptxseg.config import save_config
-    from ptxseg.model import build_model, save_model_checkpoint
+    from ptxseg.model import build_model
     from ptxseg.postprocess import save_params
 
     run = Path(run)
@@ -136,14 +176,19 @@ def make_run(run, *, encoder="efficientnet-b0", decisive=True, thresholds=None, 
 # --- training (training engineer) ----------------------------------------------------------
 
 
+def synth_dataset(tmp_path_factory, n: int, size: int, seed: int) -> Path:
+    """A synthetic png-layout dataset of ``n`` pairs, half positive."""
+    from ptxseg.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp(f"synth{n}x{size}") / "data"
+    generate(root, n=n, size=size, seed=seed, positive_fraction=0.5)
+    return root
+
+
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """16 synthetic 64 px image/mask pairs (png layout, half positive, seed 0)."""
-    from ptxseg.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("synth16") / "data"
-    generate(root, n=16, size=64, seed=0, positive_fraction=0.5)
-    return root
+    return synth_dataset(tmp_path_factory, n=16, size=64, seed=0)
 
 
 TINY_RUN_SETTINGS = {"train.epochs": 3, "optim.lr": 1e-3}

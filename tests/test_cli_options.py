@@ -14,9 +14,11 @@ from ptxseg.config import BUILTIN_DIR, describe_keys, load_config
 
 CHOICES = {  # command: {option: the values --help must list}
     "tune": {"--objective": "iou|kaggle", "--mode": "pixel|triplet", "--tta": "none|hflip",
-             "--layout": "auto|png|siim|ptx498|csv"},
-    "evaluate": {"--at": "native|model", "--split": "all|val|train", "--tta": "none|hflip"},
-    "predict": {"--backend": "torch|onnx", "--device": "auto|cpu|cuda", "--tta": "none|hflip"},
+             "--layout": "auto|png|siim|ptx498|csv", "--backend": "torch|onnx",
+             "--device": "auto|cpu|cuda|mps"},
+    "evaluate": {"--at": "native|model", "--split": "all|val|train", "--tta": "none|hflip",
+                 "--backend": "torch|onnx", "--device": "auto|cpu|cuda|mps"},
+    "predict": {"--backend": "torch|onnx", "--device": "auto|cpu|cuda|mps", "--tta": "none|hflip"},
     "train": {"--layout": "auto|png|siim|ptx498|csv"},
     "inspect": {"--layout": "auto|png|siim|ptx498|csv"},
 }  # fmt: skip
@@ -35,16 +37,41 @@ def test_help_lists_the_choices(capsys, command):
 
 
 def test_choices_come_from_the_modules_that_own_them():
-    from ptxseg.cli import At, Backend, Device, Mode, Objective, Split, Tta
-    from ptxseg.evaluate import AT, SPLITS
-    from ptxseg.inference import DEVICES, TTA_MODES
-    from ptxseg.postprocess import MODES
-    from ptxseg.predict import BACKENDS
-    from ptxseg.tune import OBJECTIVES
+    """Every enumerated option is typed with the Choice class of the module that owns it (the
+    same class object, not a copy), so the CLI cannot drift from the library."""
+    import typing
 
-    for enum, values in ((Tta, TTA_MODES), (At, AT), (Split, SPLITS), (Objective, OBJECTIVES),
-                         (Mode, MODES), (Backend, BACKENDS), (Device, DEVICES)):  # fmt: skip
-        assert tuple(m.value for m in enum) == tuple(values)
+    from ptxseg.data.sources import Layout
+    from ptxseg.evaluate import At
+    from ptxseg.hardware import Device
+    from ptxseg.postprocess import Mode
+    from ptxseg.predictor import Backend
+    from ptxseg.run import Split
+    from ptxseg.tta import Tta
+    from ptxseg.tune import Objective
+
+    owners = {"layout": Layout, "at": At, "device": Device, "mode": Mode, "backend": Backend,
+              "split": Split, "tta": Tta, "objective": Objective}  # fmt: skip
+    seen = set()
+    for command in app.registered_commands:
+        hints = typing.get_type_hints(command.callback, include_extras=True)
+        for name, owner in owners.items():
+            if name in hints:
+                base = typing.get_args(hints[name])[0]
+                assert owner in (base, *typing.get_args(base)), (command.name, name, base)
+                seen.add(name)
+    assert seen == set(owners)
+
+
+def test_the_command_line_imports_no_torch():
+    """``ptxseg --help`` stays fast: building the app (every choice list included) loads no
+    torch (it takes seconds)."""
+    import subprocess
+    import sys
+
+    code = "import sys, ptxseg.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_no_help_shows_a_type_for_a_flag(capsys):
@@ -60,13 +87,14 @@ def test_an_unknown_device_is_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["predict", str(tmp_path), str(tmp_path), "--out", str(out), "--device", "tpu"])
     err = capsys.readouterr().err
-    assert code == 2 and err == "error: --device: unknown 'tpu' (valid: auto, cpu, cuda)\n"
+    assert code == 2 and err == "error: --device: unknown 'tpu' (valid: auto, cpu, cuda, mps)\n"
     assert not out.exists()
     from ptxseg.errors import PtxsegError
-    from ptxseg.inference import pick_device
+    from ptxseg.hardware import resolve_device
 
-    with pytest.raises(PtxsegError, match=r"--device: unknown device 'tpu' \(valid: auto, cpu"):
-        pick_device("tpu")
+    with pytest.raises(PtxsegError) as exc:  # the library says what the command line says
+        resolve_device("tpu")
+    assert str(exc.value) == "--device: unknown 'tpu' (valid: auto, cpu, cuda, mps)"
 
 
 @pytest.mark.parametrize(

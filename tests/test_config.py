@@ -12,12 +12,12 @@ from ptxseg.config import (
     config_keys,
     describe_keys,
     load_config,
-    load_run_config,
     parse_override,
     resolve_config_path,
     save_config,
 )
 from ptxseg.errors import ConfigError
+from ptxseg.run import Run
 
 
 def test_paper_config_is_the_published_recipe():
@@ -82,13 +82,13 @@ def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="no built-in config of that name"):
         load_config("nonexistent-name")
     with pytest.raises(ConfigError, match="missing"):
-        load_run_config(tmp_path)
+        Run(tmp_path).config()
 
 
 def test_save_and_reload_round_trip(tmp_path):
     cfg = load_config("paper", ["train.epochs=5", "model.encoder_weights=null"])
     save_config(cfg, tmp_path / "config.yaml")
-    again = load_run_config(tmp_path)
+    again = Run(tmp_path).config()
     assert again == cfg
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -197,4 +197,4 @@ def test_saved_config_header_is_a_comment(tmp_path):
     save_config(cfg, tmp_path / "config.yaml", header="extended at epoch 3\nsecond line")
     text = (tmp_path / "config.yaml").read_text()
     assert text.startswith("# extended at epoch 3\n# second line\n")
-    assert load_run_config(tmp_path) == cfg
+    assert Run(tmp_path).config() == cfg

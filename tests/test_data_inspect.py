@@ -28,7 +28,7 @@ def test_sample_counts(sample_dir, capsys):
     assert report.mask_area["min"] == min(positive) and report.mask_area["max"] == max(positive)
     assert abs(report.mask_area["mean"] - np.mean(positive)) < 1e-6
 
-    from ptxseg.cli import _print_inspect  # the CLI's table, without a second full pass
+    from ptxseg.cli.data import _print_inspect  # the CLI's table, without a second full pass
 
     _print_inspect(report)
     out = capsys.readouterr().out

@@ -13,7 +13,7 @@ from ptxseg.data.imageio import read_image, read_mask
 from ptxseg.data.records import RleMask
 from ptxseg.data.rle import encode
 from ptxseg.data.sources import detect_layout, load_records, scan
-from ptxseg.errors import DataError
+from ptxseg.errors import DataError, PtxsegError
 
 
 def _png(path, arr):
@@ -194,7 +194,7 @@ def test_csv_without_expected_columns(tmp_path):
         load_records(tmp_path / "list.csv", "csv")
     assert str(err.value).startswith(str(tmp_path / "list.csv"))
     (tmp_path / "rle.csv").write_text("id,rle\n1,-1\n")
-    from ptxseg.data.sources import read_rle_csv
+    from ptxseg.data.siim import read_rle_csv
 
     with pytest.raises(DataError, match="expected columns ImageId,EncodedPixels"):
         read_rle_csv(tmp_path / "rle.csv")
@@ -211,8 +211,9 @@ def test_empty_missing_and_unknown_folders(tmp_path):
     (tmp_path / "junk" / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="cannot tell the dataset layout"):
         load_records(tmp_path / "junk")
-    with pytest.raises(DataError, match="unknown layout 'tiff'"):
+    with pytest.raises(PtxsegError) as exc:
         load_records(tmp_path / "junk", "tiff")
+    assert str(exc.value) == "--layout: unknown 'tiff' (valid: auto, png, siim, ptx498, csv)"
     (tmp_path / "empty_imgs" / "png_images").mkdir(parents=True)
     with pytest.raises(DataError, match="no images found"):
         load_records(tmp_path / "empty_imgs")

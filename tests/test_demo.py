@@ -9,7 +9,6 @@ import csv
 import io
 import json
 import re
-import time
 
 import cv2
 import pytest
@@ -39,10 +38,9 @@ def _cwd_holding_a_demo_folder(tmp_path_factory, monkeypatch):
     return cwd
 
 
-def test_demo_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
+def test_demo_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "demo"
     buf = io.StringIO()
-    start = time.perf_counter()
     metrics = run_demo(
         out,
         size=DemoSize(n_train=24, n_test=8, image_size=64),
@@ -50,7 +48,6 @@ def test_demo_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
         progress=False,
         console=Console(file=buf, width=400),
     )
-    assert time.perf_counter() - start < 60
 
     # the held-out evaluation, in the evaluate command's format
     saved = json.loads((out / "metrics.json").read_text())

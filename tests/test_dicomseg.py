@@ -11,8 +11,9 @@ import pytest
 from pydicom.uid import SegmentationStorage
 
 from ptxseg import __version__
-from ptxseg.dicomseg import AlgorithmInfo, file_sha256, write_dicom_seg
+from ptxseg.dicomseg import AlgorithmInfo, write_dicom_seg
 from ptxseg.errors import DataError
+from ptxseg.fileio import sha256_file as file_sha256
 
 ALGO = AlgorithmInfo(run="run-7", checkpoint_sha256="0123abcd" * 8, parameters={"tta": "none"})
 

@@ -11,11 +11,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from scipy import ndimage
 from sklearn.metrics import confusion_matrix
 
 from ptxseg.cli import main
 from ptxseg.postprocess import PostParams, load_params
-from tests.conftest import make_run, parse_html_report
+from tests.conftest import make_run, parse_html_report, synth_dataset
 
 METRIC_LAYOUT = {
     "pooled": ["accuracy", "recall", "precision", "f1", "iou", "tn", "fp", "fn", "tp"],
@@ -41,11 +42,7 @@ def tuned(run, synth_data) -> Path:
 @pytest.fixture(scope="module")
 def data96(tmp_path_factory) -> Path:
     """Synthetic 96 px images: native resolution differs from the model's 64 px."""
-    from ptxseg.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("synth96") / "data"
-    generate(root, n=8, size=96, seed=3, positive_fraction=0.5)
-    return root
+    return synth_dataset(tmp_path_factory, n=8, size=96, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -122,26 +119,36 @@ def test_evaluate_writes_every_file(evaluated, tuned, data96):
     assert (evaluated / "training_curves.png").exists()
 
 
+def _pixel_rule_by_hand(probs: np.ndarray, params, scale: float) -> np.ndarray:
+    """The pixel rule written out without ptxseg: ``probs > threshold``, then the 8-connected
+    components (scipy) with fewer than ``removal_area * scale`` pixels removed."""
+    assert params.mode == "pixel"
+    labels, _ = ndimage.label(probs > params.binary_threshold, structure=np.ones((3, 3)))
+    keep = np.bincount(labels.ravel()) >= params.removal_area * scale
+    keep[0] = False
+    return keep[labels].astype(np.uint8)
+
+
 def _independent_counts(
     run: Path, params, data: Path, scale: float = (96 * 96) / (64 * 64)
 ) -> dict[str, tuple[int, int, int, float]]:
-    """Per image (tp, fp, fn, max prob): the model run by hand on the image resized to 64 px,
-    probabilities resized back to 96 px, the rule applied with areas scaled by 96^2 / 64^2,
-    and scikit-learn's confusion matrix."""
+    """Per image (tp, fp, fn, max prob), none of it by ptxseg's own post-processing: the
+    model run by hand on the image resized to 64 px (OpenCV), probabilities resized back to
+    96 px (OpenCV, bilinear), the rule written out with areas scaled by 96^2 / 64^2
+    (:func:`_pixel_rule_by_hand`), and scikit-learn's confusion matrix."""
     import torch
 
-    from ptxseg.inference import probs_to_native
-    from ptxseg.model import load_run_model
-    from ptxseg.postprocess import binarize
+    from ptxseg.run import Run
 
-    model, _ = load_run_model(run)
+    model, _ = Run(run).load_model()
     out = {}
     for ident, gt in _masks(data).items():
         img = cv2.imread(str(data / "png_images" / f"{ident}.png"), cv2.IMREAD_GRAYSCALE)
         x = cv2.resize(img, (64, 64), interpolation=cv2.INTER_AREA)
         with torch.no_grad():
             probs = torch.sigmoid(model(torch.from_numpy(x)[None, None])).numpy()[0, 0]
-        pred = binarize(probs_to_native(probs, 96, 96), params, area_scale=scale)
+        native = cv2.resize(probs, (96, 96), interpolation=cv2.INTER_LINEAR)
+        pred = _pixel_rule_by_hand(native, params, scale)
         tn, fp, fn, tp = confusion_matrix(gt.ravel(), pred.ravel(), labels=[0, 1]).ravel()
         out[ident] = (int(tp), int(fp), int(fn), float(probs.max()))
     return out
@@ -372,7 +379,7 @@ def test_max_prob_is_the_same_in_predict_and_evaluate(data96, tmp_path):
     by hand; the image is 96 px, so a native-resolution maximum would differ."""
     import torch
 
-    from ptxseg.inference import probs_to_native
+    from ptxseg.data.resize import probs_to_native
 
     run = tmp_path / "run"
     model = make_run(run, decisive=False, thresholds=PostParams())  # probabilities near 0.5
@@ -402,9 +409,9 @@ def test_tune_warns_when_the_model_finds_nothing(data96, tmp_path, capsys):
     the thresholds are not meaningful (and thresholds.json keeps the warning)."""
     import torch
 
+    from ptxseg.checkpoint import save_model_checkpoint
     from ptxseg.data.sources import load_records
     from ptxseg.data.split import write_split
-    from ptxseg.model import save_model_checkpoint
 
     run = tmp_path / "run"
     model = make_run(run, decisive=False)

@@ -16,12 +16,11 @@ import pytest
 import torch
 
 from ptxseg.data.imageio import read_image
-from ptxseg.export import OnnxModel, export_model
-from ptxseg.inference import predict_probs
-from ptxseg.model import IMAGENET_MEAN, IMAGENET_STD
+from ptxseg.export import export_model
+from ptxseg.onnx_runtime import OnnxModel
 from ptxseg.postprocess import PostParams
 from tests.conftest import make_run
-from tests.test_predict import SIZE, expected_probs, run_cli
+from tests.test_predict import SIZE, expected_probs, file_probs, run_cli
 from tests.test_predict_tta import MirrorSymmetric
 
 
@@ -63,8 +62,9 @@ def test_onnx_graph_has_dynamic_batch_and_metadata(exported):
     assert meta["ptxseg.input_size"] == str(SIZE)
     assert meta["ptxseg.arch"] == "unet" and meta["ptxseg.encoder"] == "efficientnet-b0"
     norm = json.loads(meta["ptxseg.normalization"])
-    np.testing.assert_allclose(norm["mean"], IMAGENET_MEAN, rtol=1e-6)
-    np.testing.assert_allclose(norm["std"], IMAGENET_STD, rtol=1e-6)
+    # literal values (a changed table fails the test), as the model's own buffers say
+    np.testing.assert_allclose(norm["mean"], (0.485, 0.456, 0.406), rtol=1e-6)
+    np.testing.assert_allclose(norm["std"], (0.229, 0.224, 0.225), rtol=1e-6)
     assert norm["scale"] == pytest.approx(1 / 255)
     assert norm["channels"] == "gray replicated to 3 channels" and norm["inside_graph"] is True
     import hashlib
@@ -130,10 +130,8 @@ def test_onnx_backend_matches_torch_backend(exported, sample_dir, tmp_path):
     # probabilities themselves, at model resolution
     entries = [(p.stem, p) for p in sorted(inputs.iterdir())]
     onnx_model = OnnxModel(run / "model.onnx", ["CPUExecutionProvider"])
-    p_onnx = np.stack([p for _, p in predict_probs(onnx_model, entries, SIZE, batch_size=3,
-                                                   workers=0)])
-    p_torch = np.stack([p for _, p in predict_probs(model, entries, SIZE, batch_size=3,
-                                                    workers=0)])
+    p_onnx = np.stack([p for _, p in file_probs(onnx_model, entries, batch_size=3)])
+    p_torch = np.stack([p for _, p in file_probs(model, entries, batch_size=3)])
     assert np.abs(p_onnx - p_torch).max() < 1e-4
 
 
@@ -178,6 +176,29 @@ def test_onnx_hflip_tta(tmp_path, images):
     mirror = m.probs(np.ascontiguousarray(x[..., ::-1]), "none")[..., ::-1]
     np.testing.assert_allclose(plain_tta, (plain_none + mirror) / 2, atol=1e-6)
     assert np.abs(plain_tta - plain_none).max() > 1e-3
+
+
+def test_advprop_normalisation_is_inside_the_graph_and_its_metadata(tmp_path, images):
+    """A model of advprop weights (mean = std = 0.5, literal): the export's metadata says so,
+    and ONNX Runtime, fed raw 0..255 values, gives the torch model's probabilities."""
+    from ptxseg.model import build_model
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**{"model.encoder_weights": "advprop"}).model,
+                        pretrained=False).eval()  # fmt: skip
+    assert model.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+    data, _ = export_model(model, SIZE)
+    proto = onnx.load_model_from_string(data)
+    norm = json.loads({p.key: p.value for p in proto.metadata_props}["ptxseg.normalization"])
+    assert norm["mean"] == [0.5, 0.5, 0.5] and norm["std"] == [0.5, 0.5, 0.5]
+    x = images[:2, None].astype(np.float32)
+    got = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(
+        ["probs"], {"image": x}
+    )[0]
+    with torch.no_grad():
+        want = torch.sigmoid(model(torch.from_numpy(x))).numpy()
+    assert np.abs(got - want).max() < 1e-4
 
 
 def test_failed_parity_writes_nothing(exported, tmp_path, monkeypatch):

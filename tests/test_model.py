@@ -1,4 +1,5 @@
-"""Model building and safe checkpoint loading."""
+"""Model building, the normalisation bound to the encoder weights, and safe, self-describing
+checkpoints."""
 
 from __future__ import annotations
 
@@ -8,16 +9,19 @@ import numpy as np
 import pytest
 import torch
 
+from ptxseg.checkpoint import load_checkpoint, save_model_checkpoint
 from ptxseg.config import load_config
 from ptxseg.errors import CheckpointError, ConfigError
-from ptxseg.model import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    build_model,
-    load_model,
-    save_model_checkpoint,
-)
+from ptxseg.model import build_model
 from tests.conftest import tiny_config
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # written out, not
+HALF = (0.5, 0.5, 0.5)  # imported: a changed table must fail these tests
+
+
+def load_model(cfg, path):
+    """A checkpoint's model, its run's config given (the loader of every stage)."""
+    return load_checkpoint(path, cfg)[0]
 
 
 def test_paper_model_builds_offline_and_runs_at_64():
@@ -32,9 +36,25 @@ def test_paper_model_builds_offline_and_runs_at_64():
     assert torch.isfinite(y).all()
 
 
-def test_normalisation_matches_imagenet_on_replicated_gray():
-    cfg = tiny_config()
-    model = build_model(cfg.model).eval()
+@pytest.mark.parametrize(
+    ("sets", "mean", "std"),
+    [
+        ({"model.encoder_weights": None}, IMAGENET_MEAN, IMAGENET_STD),  # random init
+        ({"model.encoder_weights": "imagenet"}, IMAGENET_MEAN, IMAGENET_STD),
+        ({"model.encoder_weights": "advprop"}, HALF, HALF),
+        ({"model.encoder_weights": "weights.pth", "model.encoder_weights_kind": "advprop"},
+         HALF, HALF),  # a local file of advprop weights
+        ({"model.encoder": "timm-tf_efficientnet_lite0", "model.encoder_weights": "imagenet"},
+         HALF, HALF),
+    ],
+)  # fmt: skip
+def test_normalisation_follows_the_encoder_weights(sets, mean, std):
+    """The mean/std in the model's buffers, and what reaches the network from a gray uint8
+    image (replicated to 3 channels, / 255, then per channel), are the literal values the
+    weights were trained with (pretrained=False: nothing is downloaded)."""
+    model = build_model(tiny_config(**sets).model, pretrained=False).eval()
+    assert model.mean.flatten().tolist() == pytest.approx(mean, abs=1e-7)
+    assert model.std.flatten().tolist() == pytest.approx(std, abs=1e-7)
     seen = {}
     model.net.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
     x = torch.randint(0, 256, (1, 1, 64, 64), dtype=torch.uint8)
@@ -42,8 +62,55 @@ def test_normalisation_matches_imagenet_on_replicated_gray():
         model(x)
     g = x.double() / 255.0
     for c in range(3):
-        expected = (g[0, 0] - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        expected = (g[0, 0] - mean[c]) / std[c]
         assert np.allclose(seen["x"][0, c].double().numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_every_pretrained_pair_smp_offers_has_a_normalisation():
+    """The table covers smp's whole registry (read without the network): no valid choice of
+    encoder weights is refused, and each pair gets one of the three known normalisations."""
+    from segmentation_models_pytorch.encoders import encoders
+
+    from ptxseg.normalization import lookup
+
+    pairs = [(name, w) for name, e in encoders.items() for w in e["pretrained_settings"]]
+    assert len(pairs) > 90
+    found = {lookup(name, w).mean for name, w in pairs}
+    assert found == {IMAGENET_MEAN, HALF, (124 / 255, 117 / 255, 104 / 255)}
+    assert lookup("xception", "imagenet").mean == HALF  # Inception-style weights
+    assert lookup("dpn68", "imagenet").std == pytest.approx((0.23482446870963955,) * 3)
+
+
+def test_an_unknown_encoder_weights_pair_is_refused_with_the_known_ones():
+    with pytest.raises(ConfigError) as exc:
+        build_model(tiny_config(**{"model.encoder_weights": "ssl"}).model, pretrained=False)
+    assert str(exc.value) == (
+        "model.encoder_weights: no normalisation known for efficientnet-b0 with 'ssl' weights "
+        "(known for efficientnet-b0: imagenet, advprop)"
+    )
+
+
+def test_a_checkpoint_alone_rebuilds_its_model_with_its_normalisation(tmp_path):
+    """Self-describing: model settings, size and mean/std travel inside the file (plain
+    types, weights_only=True), so no config is needed to load it."""
+    cfg = tiny_config(**{"model.encoder_weights": "advprop", "data.size": 96})
+    model = build_model(cfg.model, pretrained=False).eval()
+    save_model_checkpoint(model, tmp_path / "alone.ckpt", cfg)
+    obj = torch.load(tmp_path / "alone.ckpt", map_location="cpu", weights_only=True)
+    assert obj["ptxseg"]["mean"] == [0.5, 0.5, 0.5] and obj["ptxseg"]["size"] == 96
+    again, info = load_checkpoint(tmp_path / "alone.ckpt")  # no config given
+    assert info.embedded and info.size == 96 and info.model == cfg.model
+    assert again.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+    x = torch.randint(0, 256, (1, 1, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    # a checkpoint of an older ptxseg (weights only) needs its run's config, and gets the
+    # ImageNet normalisation every model of that time used
+    save_model_checkpoint(model, tmp_path / "old.ckpt")
+    with pytest.raises(CheckpointError, match="does not describe its model"):
+        load_checkpoint(tmp_path / "old.ckpt")
+    _, old_info = load_checkpoint(tmp_path / "old.ckpt", cfg)
+    assert not old_info.embedded and old_info.normalization.mean == IMAGENET_MEAN
 
 
 def test_unknown_names_list_the_valid_ones():
@@ -201,6 +268,7 @@ def test_evaluate_refuses_non_finite_probabilities(tmp_path):
     from ptxseg.data.synthetic import generate
     from ptxseg.errors import PtxsegError
     from ptxseg.evaluate import iter_predictions
+    from ptxseg.predictor import Member, Predictor, TorchModel
 
     class NanNet(torch.nn.Module):
         def __init__(self):
@@ -213,4 +281,4 @@ def test_evaluate_refuses_non_finite_probabilities(tmp_path):
     generate(tmp_path / "d", n=2, size=64, seed=0)
     records, _ = load_records(tmp_path / "d")
     with pytest.raises(PtxsegError, match="probabilities are not finite"):
-        list(iter_predictions(NanNet(), records, 64, workers=0))
+        list(iter_predictions(Predictor([Member(TorchModel(NanNet()), 64)], workers=0), records))

@@ -172,25 +172,3 @@ def test_describe_says_no_component_removal():
         mode="triplet", top_threshold=0.7, min_area=32, bottom_threshold=0.4, size=64
     )
     assert triplet.describe() == "empty unless >= 32 px > 0.7, then probs > 0.4 (areas at 64 px)"
-
-
-def test_resolve_thresholds_one_rule(tmp_path):
-    """--thresholds FILE (must exist), else RUN/thresholds.json, else the default rule."""
-    from ptxseg.postprocess import DEFAULT_PARAMS, default_rule_warning, resolve_thresholds
-
-    run = tmp_path / "run"
-    run.mkdir()
-    assert resolve_thresholds(run) == (DEFAULT_PARAMS, "default")
-    assert DEFAULT_PARAMS == PostParams(binary_threshold=0.5, removal_area=0)
-    assert default_rule_warning(run) == (
-        f"{run / 'thresholds.json'} not found: using the default rule probs > 0.5, no "
-        f"component removal (run `ptxseg tune {run}` to choose them)"
-    )
-    with pytest.raises(DataError, match="thresholds file not found"):
-        resolve_thresholds(run, tmp_path / "nope.json")
-    tuned = PostParams(binary_threshold=0.3, removal_area=16, size=64)
-    save_params(tuned, run / "thresholds.json")
-    assert resolve_thresholds(run) == (tuned, str(run / "thresholds.json"))
-    other = PostParams(binary_threshold=0.7, size=64)
-    save_params(other, tmp_path / "o.json")
-    assert resolve_thresholds(run, tmp_path / "o.json") == (other, str(tmp_path / "o.json"))

@@ -23,9 +23,11 @@ from PIL import Image
 from scipy import ndimage
 
 from ptxseg.cli import main
+from ptxseg.data.inputs import collect_inputs
 from ptxseg.data.rle import decode
-from ptxseg.postprocess import PostParams
-from ptxseg.predict import DEFAULT_PARAMS, OVERLAY_BGR
+from ptxseg.image_outputs import OVERLAY_BGR
+from ptxseg.postprocess import DEFAULT_PARAMS, PostParams
+from ptxseg.predictor import Member, Predictor, TorchModel
 from tests.conftest import make_run, tiny_config, write_dicom
 
 SIZE = 64
@@ -42,6 +44,14 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 def read_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
+
+
+def file_probs(model, entries, *, batch_size: int, tta: str = "none") -> list:
+    """``(item, probs)`` of ``(id, path)`` entries through the predictor, for a torch module or
+    an ONNX Runtime model, reading in this process."""
+    backend = model if hasattr(model, "session") else TorchModel(model)
+    predictor = Predictor([Member(backend, SIZE)], tta=tta, batch_size=batch_size, workers=0)
+    return list(predictor.file_probs(entries))
 
 
 def expected_probs(model: torch.nn.Module, gray: np.ndarray, tta: str = "none") -> np.ndarray:
@@ -309,8 +319,9 @@ def _one_line_error(err: str) -> str:
 
 @pytest.mark.parametrize("problem", ["wrong-architecture", "truncated", "pickled-object"])
 def test_bad_checkpoint_is_a_one_line_error(problem, tmp_path):
+    from ptxseg.checkpoint import save_model_checkpoint
     from ptxseg.config import save_config
-    from ptxseg.model import build_model, save_model_checkpoint
+    from ptxseg.model import build_model
 
     run = tmp_path / "run"
     run.mkdir()
@@ -344,7 +355,7 @@ def test_missing_input_is_a_one_line_error(tmp_path):
 
 
 def test_overlay_of_an_empty_mask_is_the_radiograph_and_large_images_are_capped():
-    from ptxseg.predict import OVERLAY_MAX_SIDE, draw_prediction
+    from ptxseg.image_outputs import OVERLAY_MAX_SIDE, draw_prediction
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (300, 200), dtype=np.uint8)
@@ -391,7 +402,7 @@ def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
     state = {"alive": 0, "max": 0}
 
     class Fake:
-        device = torch.device("cpu")
+        device = "cpu"
 
         def probs(self, x, tta="none"):
             with lock:
@@ -399,7 +410,7 @@ def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
                 state["max"] = max(state["max"], state["alive"])
             return np.full((len(x), 32, 32), 0.7, np.float32)
 
-    original = P._finish
+    original = P.finish
 
     def slow_finish(item, probs, post):
         time.sleep(0.01)
@@ -408,11 +419,11 @@ def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
             state["alive"] -= 1
         return result
 
-    monkeypatch.setattr(P, "_finish", slow_finish)
-    backend = P.Backend(Fake(), 32, "fake", "fake")
-    inputs = P.collect_inputs([folder])
-    errors, n_pos, _ = P.run_prediction(backend, inputs, tmp_path / "out", DEFAULT_PARAMS,
-                                        batch_size=2, workers=0, writers=2, progress=False)
+    monkeypatch.setattr(P, "finish", slow_finish)
+    predictor = Predictor([Member(Fake(), 32)], batch_size=2, workers=0)
+    inputs = collect_inputs([folder])
+    errors, n_pos, _ = P.run_prediction(predictor, inputs, tmp_path / "out", DEFAULT_PARAMS,
+                                        writers=2, progress=False)
     assert errors == [] and n_pos == 80 and state["alive"] == 0
     bound = (2 * 2 + 2 * 2) + 2  # max_in_flight (2 * batch + 2 * writers) + the batch in hand
     assert 2 < state["max"] <= bound

@@ -9,8 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
+from ptxseg.data.ids import safe_id
+from ptxseg.data.inputs import collect_inputs, scan_folder, unique_ids
 from ptxseg.errors import DataError
-from ptxseg.predict import collect_inputs, safe_id, scan_folder, unique_ids
 from tests.conftest import write_dicom
 
 

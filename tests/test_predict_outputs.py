@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import ptxseg.predict as predict_mod
+from ptxseg.outputs import LOCK_NAME
 from ptxseg.postprocess import PostParams
 from tests.conftest import make_run
 from tests.test_predict import SIZE, read_rows, run_cli
@@ -41,7 +42,10 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded: the output paths were not checked first")
 
-    monkeypatch.setattr(predict_mod, "open_backend", refuse)
+    class Refusing:
+        from_run = staticmethod(refuse)
+
+    monkeypatch.setattr(predict_mod, "Predictor", Refusing)
 
 
 def _one_error(rc: int, err: str) -> str:
@@ -138,12 +142,12 @@ def test_a_second_predict_into_a_locked_out_is_refused(run, images, tmp_path):
 
     out = tmp_path / "o"
     out.mkdir()
-    with folder_lock(out, predict_mod.LOCK_NAME):  # as a predict running in this process
+    with folder_lock(out, LOCK_NAME):  # as a predict running in this process
         rc, _, err = run_cli(["predict", str(run), str(images), "--out", str(out)])
         assert _one_error(rc, err) == (
             f"{out}: is in use by another ptxseg predict (pid {os.getpid()})"
         )
-        assert sorted(os.listdir(out)) == [predict_mod.LOCK_NAME]  # nothing else written
+        assert sorted(os.listdir(out)) == [LOCK_NAME]  # nothing else written
     rc, _, err = run_cli(["predict", str(run), str(images), "--out", str(out)])
     assert rc == 0, err
     assert sorted(os.listdir(out)) == ["masks", "overlays", "predict.json", "results.csv"]
@@ -206,7 +210,7 @@ def test_predicting_again_into_out_replaces_the_previous_outputs_only(run, image
 
 def test_an_interrupted_predict_is_cleared_by_the_next(run, images, tmp_path, monkeypatch):
     out = tmp_path / "o"
-    real = predict_mod._finish
+    real = predict_mod.finish
     calls = []
 
     def dies_on_the_second(item, probs, post):
@@ -215,14 +219,14 @@ def test_an_interrupted_predict_is_cleared_by_the_next(run, images, tmp_path, mo
             raise KeyboardInterrupt
         return real(item, probs, post)
 
-    monkeypatch.setattr(predict_mod, "_finish", dies_on_the_second)
+    monkeypatch.setattr(predict_mod, "finish", dies_on_the_second)
     with pytest.raises(KeyboardInterrupt):
         predict_mod.predict(run, [images], out, workers=0, batch_size=1, progress=False)
     info = json.loads((out / "predict.json").read_text())
     assert info["status"] == "running" and info["ids"] == ["a", "b", "c"]
     written = set(os.listdir(out / "masks"))  # c may be written while b fails in the pool
     assert "a.png" in written and "b.png" not in written and not (out / "results.csv").exists()
-    monkeypatch.setattr(predict_mod, "_finish", real)
+    monkeypatch.setattr(predict_mod, "finish", real)
     other = tmp_path / "other"
     _image(other / "d.png")
     predict_mod.predict(run, [other], out, workers=0, progress=False)

@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from ptxseg.cli import main
-from ptxseg.inference import predict_probs
 from ptxseg.model import build_model
 from ptxseg.postprocess import PostParams
 from tests.conftest import make_run, tiny_config
-from tests.test_predict import SIZE, expected_probs
+from tests.test_predict import SIZE, expected_probs, file_probs
 
 
 class MirrorSymmetric(nn.Module):
@@ -48,7 +47,7 @@ def entries(sample_dir):
 
 
 def _probs(model, entries, tta, batch_size=2):
-    got = list(predict_probs(model, entries, SIZE, batch_size=batch_size, workers=0, tta=tta))
+    got = file_probs(model, entries, batch_size=batch_size, tta=tta)
     assert [item.id for item, _ in got] == [e[0] for e in entries]
     return np.stack([p for _, p in got])
 
@@ -84,8 +83,9 @@ def test_ordinary_model_gets_the_average_of_image_and_mirror(net, entries):
 def test_unknown_tta_is_refused(net, entries):
     from ptxseg.errors import PtxsegError
 
-    with pytest.raises(PtxsegError, match="unknown test-time augmentation 'vflip'"):
+    with pytest.raises(PtxsegError) as exc:  # the command line's own message
         _probs(net, entries, "vflip")
+    assert str(exc.value) == "--tta: unknown 'vflip' (valid: none, hflip)"
 
 
 def test_cli_tta_hflip_writes_masks_of_the_averaged_probabilities(sample_dir, tmp_path):

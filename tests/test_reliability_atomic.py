@@ -11,13 +11,14 @@ import ast
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import reap, sigkill
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ptxseg"
 
@@ -207,7 +208,7 @@ def _complete_contents(kind: str) -> set[bytes]:
 
 @pytest.mark.parametrize("kind", ["bytes", "json"])
 def test_sigkill_during_writes_leaves_the_old_or_the_new_file(tmp_path, kind):
-    from ptxseg.predict import scan_folder
+    from ptxseg.data.inputs import scan_folder
 
     target = tmp_path / ("out.bin" if kind == "bytes" else "metrics.json")
     complete = _complete_contents(kind)
@@ -220,12 +221,9 @@ def test_sigkill_during_writes_leaves_the_old_or_the_new_file(tmp_path, kind):
         try:
             assert proc.stdout.readline() == b"ready\n"
             time.sleep(rng.uniform(0.0, 0.15))
-            proc.send_signal(signal.SIGKILL)
-            assert proc.wait(timeout=10) == -signal.SIGKILL
+            sigkill(proc, timeout=10)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            reap(proc)
             proc.stdout.close()
         assert target.read_bytes() in complete  # never half of one
     # a kill mid-write leaves at most hidden ".NAME.*.tmp" files, which no reader takes
@@ -238,9 +236,9 @@ def test_sigkill_during_writes_leaves_the_old_or_the_new_file(tmp_path, kind):
 def test_stray_temp_files_are_not_taken_for_data(tmp_path):
     """What a kill mid-write leaves (``.NAME.XXXXXXXX.tmp``) in a dataset or an input folder is
     neither a record nor an image to predict."""
+    from ptxseg.data.inputs import collect_inputs
     from ptxseg.data.sources import load_records
     from ptxseg.data.synthetic import generate
-    from ptxseg.predict import collect_inputs
 
     data = tmp_path / "data"
     generate(data, n=4, size=32, seed=0)

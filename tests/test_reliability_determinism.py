@@ -8,8 +8,6 @@ adds DataLoader worker processes and the checkpoint weights.)
 from __future__ import annotations
 
 import multiprocessing
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +20,7 @@ import torch
 
 from ptxseg.plots import read_metrics
 from ptxseg.postprocess import PostParams
-from tests.conftest import make_run
+from tests.conftest import make_run, run_bounded
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,18 +36,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 def _run_isolated(code: str, timeout: float) -> subprocess.CompletedProcess:
     """Run ``code`` in a new session; on timeout kill the whole group (hung DataLoader workers
     included) and fail, rather than hang the test run."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], env=env, cwd=REPO, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"hung for {timeout:.0f} s (killed)")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_bounded([sys.executable, "-c", code], timeout, "the child", cwd=REPO)
 
 
 def _used_opencv_threads() -> None:

@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 
 from ptxseg.cli import main
 from ptxseg.postprocess import PostParams
-from tests.conftest import make_run, tiny_config
+from tests.conftest import make_run, run_bounded, subprocess_env, tiny_config
 from tests.test_predict import SIZE, read_rows, run_cli
 
 BAD = os.fsdecode(b"bad\xff")  # a file name byte that is not UTF-8 (Linux keeps it as \udcff)
@@ -55,18 +54,9 @@ def _mask(path: Path) -> Path:
 
 def _cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     """The CLI in its own process group, killed with its reading workers after ``TIMEOUT``."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "240"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ptxseg", *args], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs,
-    )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"ptxseg {args[0]} still running after {TIMEOUT} s (blocked on a FIFO?)")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    env = subprocess_env(OMP_NUM_THREADS="1", COLUMNS="240")
+    return run_bounded([sys.executable, "-m", "ptxseg", *args], TIMEOUT,
+                       f"ptxseg {args[0]} (blocked on a FIFO?)", env=env, **kwargs)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------- item 12

@@ -21,15 +21,15 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ptxseg.cli import one_line
 from ptxseg.data.imageio import probe_image, read_image, read_mask
 from ptxseg.data.records import RleMask
 from ptxseg.data.rle import MAX_PIXELS, decode, decode_rows
-from ptxseg.data.sources import load_records, read_rle_csv
+from ptxseg.data.siim import read_rle_csv
+from ptxseg.data.sources import load_records
 from ptxseg.data.split import read_split
-from ptxseg.errors import PtxsegError
+from ptxseg.errors import PtxsegError, one_line
 from ptxseg.postprocess import load_params, params_from_dict
-from tests.conftest import SAMPLE, write_dicom
+from tests.conftest import SAMPLE, subprocess_env, write_dicom
 
 N = int(os.environ.get("PTXSEG_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(
@@ -295,7 +295,7 @@ HUGE = r"""
 import json, resource, sys, time
 from pathlib import Path
 import numpy as np
-from ptxseg.cli import one_line
+from ptxseg.errors import one_line
 from ptxseg.data.imageio import probe_image, read_image
 from ptxseg.data.rle import decode
 from ptxseg.errors import PtxsegError
@@ -336,7 +336,7 @@ def test_headers_claiming_a_billion_pixels_are_refused_before_allocating(tmp_pat
     write_dicom(tmp_path / "huge.dcm", np.zeros((4, 4), np.uint8), Rows=31623, Columns=31623)
     write_dicom(tmp_path / "frames.dcm", np.zeros((4, 4), np.uint8), Rows=1024, Columns=1024,
                 NumberOfFrames="1000")  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = subprocess_env()
     done = subprocess.run(
         [sys.executable, "-W", "ignore", "-c", HUGE, str(tmp_path)],
         capture_output=True, text=True, timeout=120, env=env,

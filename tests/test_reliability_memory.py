@@ -11,12 +11,13 @@ without it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,7 @@ print(json.dumps({"peak_40": run(40), "peak_200": run(200)}))
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
 def test_peak_rss_does_not_grow_with_the_number_of_images(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path)],
         capture_output=True, text=True, timeout=240, env=env, cwd=REPO,

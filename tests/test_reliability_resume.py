@@ -8,8 +8,6 @@ uninterrupted run at every epoch.
 from __future__ import annotations
 
 import math
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,8 +17,9 @@ import numpy as np
 import torch
 
 from ptxseg.data.split import read_split
-from ptxseg.model import load_run_model
 from ptxseg.plots import read_metrics
+from ptxseg.run import Run
+from tests.conftest import reap, sigkill, subprocess_env
 
 EPOCHS = 4
 BATCH = 4
@@ -43,7 +42,7 @@ def _ptxseg(*args: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    return subprocess_env(MPLBACKEND="Agg", OMP_NUM_THREADS="1")
 
 
 def _ckpt_epoch(path: Path) -> int | None:
@@ -86,12 +85,9 @@ def test_sigkill_mid_epoch_then_resume_gives_every_epoch_once_and_the_same_sched
         first_epoch_s = read_metrics(run / "metrics.csv")[0]["time_s"]
         time.sleep(0.3 * first_epoch_s)  # well inside epoch 2
         assert proc.poll() is None, "training ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        sigkill(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
         log.close()
     # killed inside epoch 2 (or, on a badly loaded machine, a little later): last.ckpt holds
     # the epochs saved; metrics.csv may hold one more row, written just before the checkpoints
@@ -118,8 +114,8 @@ def test_sigkill_mid_epoch_then_resume_gives_every_epoch_once_and_the_same_sched
     last = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == EPOCHS - 1 and last["global_step"] == total
 
-    model, cfg = load_run_model(run, "best")
-    assert cfg.train.epochs == EPOCHS
+    model, _info = Run(run).load_model("best")
+    assert Run(run).config().train.epochs == EPOCHS
     best_epoch = max(rows, key=lambda r: r["val_iou"])["epoch"]
     best = torch.load(run / "best.ckpt", map_location="cpu", weights_only=True)
     assert best["epoch"] == best_epoch - 1

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ptxseg.cli import main
+from ptxseg.cli.app import metrics_table
 from ptxseg.metrics import image_stats, summarize
 from ptxseg.postprocess import PostParams
 from ptxseg.report import (
@@ -22,12 +23,12 @@ from ptxseg.report import (
     grid_figure,
     make_panel,
     metric_rows,
-    metrics_table,
     training_curves,
     write_confusion_matrix,
     write_overlay,
     write_report,
 )
+from ptxseg.run import Run
 from tests.conftest import make_run, parse_html_report
 
 EVIL = "<img src=x onerror=alert(1)>&\"q'"
@@ -69,8 +70,8 @@ def test_report_escapes_names_from_data(tmp_path):
 
 def test_report_with_null_metrics_and_no_curves(tmp_path):
     metrics = _all_positive_metrics()
-    run = tmp_path / "run"
-    run.mkdir()
+    run = Run(tmp_path / "run")
+    run.path.mkdir()
     write_confusion_matrix(tmp_path / "cm.png", metrics["pooled"])
     write_report(
         tmp_path / "report.html",
@@ -172,18 +173,18 @@ def test_training_curves_from_metrics_csv(tmp_path):
     run, out = tmp_path / "run", tmp_path / "out"
     run.mkdir()
     out.mkdir()
-    assert training_curves(run, out) is None
+    assert training_curves(Run(run), out) is None
     lines = [",".join(METRICS_COLUMNS)] + [
         ",".join(str(v) for v in (e, 1 / (e + 1), 1.2 / (e + 1), 0.1 * e, 0.15 * e, 1e-4, 3.0))
         for e in range(4)
     ]
     (run / "metrics.csv").write_text("\n".join(lines) + "\n")
-    png = training_curves(run, out)
+    png = training_curves(Run(run), out)
     assert png == out / "training_curves.png" and cv2.imread(str(png)) is not None
     # an unusable metrics.csv falls back to the run's own curves.png
     (run / "metrics.csv").write_text("epoch\nx\n")
     shutil.copy(png, run / "curves.png")
-    assert training_curves(run, out) == run / "curves.png"
+    assert training_curves(Run(run), out) == run / "curves.png"
 
 
 def test_parse_html_report_rejects_broken_pages(tmp_path):

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 
 from ptxseg.cli import main
-from ptxseg.config import load_run_config
 from ptxseg.data.rle import encode
+from ptxseg.run import Run
 from tests.test_data_sources import _small_siim
 from tests.test_train_cli import CPU_SETS
 
@@ -51,7 +51,7 @@ def test_rle_option_on_inspect_train_tune_evaluate_prepare(tmp_path, make_dicom,
     capsys.readouterr()
     info = json.loads((run / "data.json").read_text())
     assert info == {"root": str(root.resolve()), "layout": "siim", "rle": str(good.resolve())}
-    assert load_run_config(run).data.rle == str(good)
+    assert Run(run).config().data.rle == str(good)
 
     assert main(["tune", str(run)]) == 0  # the recorded CSV, not "several CSVs found"
     with (run / "split.csv").open() as fh:

@@ -12,23 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from ptxseg.config import load_config, load_run_config
+from ptxseg.config import load_config
 from ptxseg.data.split import read_split
 from ptxseg.errors import CheckpointError, DataError, RunDirError
-from ptxseg.model import load_run_model
-from ptxseg.plots import METRICS_COLUMNS, read_metrics
-from ptxseg.train import (
-    AtomicCheckpointIO,
+from ptxseg.hardware import lightning_precision, resolve_switch
+from ptxseg.lightning_module import (
     CosineToMin,
-    RunFiles,
     SegModule,
     TrainingError,
-    build_trainer,
-    fit,
     freeze_unused_parameters,
-    resolve_precision,
-    resolve_switch,
 )
+from ptxseg.plots import METRICS_COLUMNS, read_metrics
+from ptxseg.run import Run
+from ptxseg.train import fit
+from ptxseg.trainer import AtomicCheckpointIO, RunFiles, build_trainer
 from tests.conftest import TINY_RUN_SETTINGS, tiny_config
 
 RUN_FILES = (
@@ -44,7 +41,7 @@ RUN_FILES = (
 
 def _steps_per_epoch(run) -> int:
     n_train = sum(v == "train" for v in read_split(run / "split.csv").values())
-    bs = load_run_config(run).train.batch_size
+    bs = Run(run).config().train.batch_size
     return n_train // bs if n_train > bs else 1  # drop_last
 
 
@@ -63,7 +60,7 @@ def _ckpt(path):
 
 def test_run_writes_every_file_with_content_and_lowers_the_loss(tiny_run, synth_data):
     assert sorted(p.name for p in tiny_run.iterdir()) == sorted(RUN_FILES)
-    assert load_run_config(tiny_run) == tiny_config(**TINY_RUN_SETTINGS)
+    assert Run(tiny_run).config() == tiny_config(**TINY_RUN_SETTINGS)
     split = read_split(tiny_run / "split.csv")
     assert sorted(split) == sorted(p.stem for p in (synth_data / "png_images").iterdir())
     assert set(split.values()) == {"train", "val"}
@@ -94,7 +91,7 @@ def test_validation_iou_is_pooled_over_the_whole_validation_set(tiny_run, synth_
     best = next(r for r in rows if r["val_iou"] == best_iou)  # first epoch reaching it
     state = _ckpt(tiny_run / "best.ckpt")
     assert state["epoch"] == best["epoch"] - 1
-    model, _cfg = load_run_model(tiny_run, "best")
+    model, _info = Run(tiny_run).load_model("best")
 
     val_ids = sorted(i for i, s in read_split(tiny_run / "split.csv").items() if s == "val")
     tp = fp = fn = 0
@@ -113,7 +110,7 @@ def test_validation_iou_is_pooled_over_the_whole_validation_set(tiny_run, synth_
 
 
 def test_lr_follows_the_cosine_schedule_and_ends_at_lr_min(tiny_run):
-    cfg = load_run_config(tiny_run)
+    cfg = Run(tiny_run).config()
     k = _steps_per_epoch(tiny_run)
     total = cfg.train.epochs * k
     rows = read_metrics(tiny_run / "metrics.csv")
@@ -131,12 +128,13 @@ def test_cosine_factor_edges():
     assert CosineToMin(1, 0.01)(0) == 1.0
 
 
-def test_checkpoints_load_with_weights_only_and_load_run_model(tiny_run):
+def test_checkpoints_load_with_weights_only_and_describe_their_model(tiny_run):
     for which in ("best", "last"):
         obj = _ckpt(tiny_run / f"{which}.ckpt")
         assert "optimizer_states" in obj and "lr_schedulers" in obj
-        model, cfg = load_run_model(tiny_run, which)
-        assert cfg.model.encoder == "efficientnet-b0"
+        model, info = Run(tiny_run).load_model(which)
+        assert info.embedded and info.model == Run(tiny_run).config().model
+        assert info.size == 64 and info.model.encoder == "efficientnet-b0"
         x = torch.randint(0, 256, (1, 1, 64, 64), dtype=torch.uint8)
         with torch.no_grad():
             assert torch.isfinite(model(x)).all()
@@ -201,7 +199,7 @@ def test_resume_refuses_a_changed_recipe_and_a_folder_without_config(tiny_run, t
     shutil.copytree(tiny_run, broken)
     (broken / "last.ckpt").write_bytes((broken / "last.ckpt").read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="last.ckpt"):
-        fit(load_run_config(broken), tmp_path, broken, resume=True, progress=False)
+        fit(Run(broken).config(), tmp_path, broken, resume=True, progress=False)
 
 
 def test_existing_run_folder_is_refused_and_left_untouched(tiny_run, synth_data):
@@ -232,15 +230,83 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
 
 
 def test_validation_without_positive_case_warns_and_trains(tmp_path):
+    """No lesion in the validation split: a warning, and the SIIM rule that an empty
+    prediction on an empty mask scores 1. The model starts from weights that predict nothing
+    (a head bias of -30, a learning rate too small to move it), so its val IoU and Dice must
+    be exactly 1, as a hand count of its false positives (none) says."""
+    from ptxseg.checkpoint import save_model_checkpoint
     from ptxseg.data.synthetic import generate
+    from ptxseg.model import build_model
 
     data = tmp_path / "negatives"
     generate(data, n=10, size=64, seed=1, positive_fraction=0.0)
+    quiet = build_model(tiny_config().model, pretrained=False)
+    with torch.no_grad():
+        quiet.net.segmentation_head[0].bias.fill_(-30.0)
+    save_model_checkpoint(quiet, tmp_path / "quiet.ckpt", tiny_config())
+    cfg = tiny_config(**{"train.epochs": 1, "model.init_from": str(tmp_path / "quiet.ckpt"),
+                         "optim.lr": 1e-9, "optim.lr_min": 0})  # fmt: skip
     with pytest.warns(UserWarning, match="no positive case"):
-        run = fit(tiny_config(**{"train.epochs": 1}), data, tmp_path / "run", progress=False)
+        run = fit(cfg, data, tmp_path / "run", progress=False)
     rows = read_metrics(run / "metrics.csv")
-    assert len(rows) == 1 and 0.0 <= rows[0]["val_iou"] <= 1.0
-    assert (run / "best.ckpt").is_file()
+    assert len(rows) == 1 and (run / "best.ckpt").is_file()
+    model, _ = Run(run).load_model("last")
+    fp = 0
+    for ident, side in read_split(run / "split.csv").items():
+        if side == "val":
+            img = cv2.imread(str(data / "png_images" / f"{ident}.png"), cv2.IMREAD_GRAYSCALE)
+            with torch.no_grad():
+                fp += int((model(torch.from_numpy(img)[None, None]) > 0).sum())
+    assert fp == 0  # the premise: nothing predicted, on nothing to find
+    assert (rows[0]["val_iou"], rows[0]["val_dice"]) == (1.0, 1.0)
+
+
+def test_validation_iou_and_dice_are_the_pooled_pixel_counts(tiny_run, synth_data):
+    """The last epoch's val IoU/Dice in metrics.csv equal a hand computation with the last
+    checkpoint: logit > 0 against the masks at model size, pixels pooled over the validation
+    split."""
+    model, _ = Run(tiny_run).load_model("last")
+    tp = fp = fn = 0
+    for ident, side in read_split(tiny_run / "split.csv").items():
+        if side != "val":
+            continue
+        img = cv2.imread(str(synth_data / "png_images" / f"{ident}.png"), cv2.IMREAD_GRAYSCALE)
+        gt = cv2.imread(str(synth_data / "png_masks" / f"{ident}.png"), cv2.IMREAD_GRAYSCALE) > 0
+        with torch.no_grad():
+            pred = (model(torch.from_numpy(img)[None, None]) > 0)[0, 0].numpy()
+        tp += int((pred & gt).sum())
+        fp += int((pred & ~gt).sum())
+        fn += int((~pred & gt).sum())
+    assert tp > 0 and fp + fn > 0  # an informative case: neither 0 nor 1
+    row = read_metrics(tiny_run / "metrics.csv")[-1]
+    assert row["val_iou"] == pytest.approx(tp / (tp + fp + fn), rel=1e-6)
+    assert row["val_dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn), rel=1e-6)
+
+
+def test_a_validation_split_whose_lesions_vanish_at_model_size_warns(tmp_path):
+    """Positive by label, but every lesion pixel lost when the masks are resized to the model's
+    input (one pixel of 256 px at 64 px): the training module itself says so, since val
+    IoU/Dice then only measure false positives."""
+    from ptxseg.data.resize import resize_mask
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for sub in ("png_images", "png_masks"):
+        (data / sub).mkdir(parents=True)
+    for i in range(12):
+        mask = np.zeros((256, 256), np.uint8)
+        if i % 2 == 0:
+            mask[rng.integers(8, 248), rng.integers(8, 248)] = 255
+        assert not resize_mask(mask > 0, 64).any()  # the premise: nothing left at 64 px
+        cv2.imwrite(str(data / "png_images" / f"{i:02d}.png"),
+                    rng.integers(0, 256, (256, 256), dtype=np.uint8))  # fmt: skip
+        cv2.imwrite(str(data / "png_masks" / f"{i:02d}.png"), mask)
+    with pytest.warns(UserWarning) as caught:
+        fit(tiny_config(**{"train.epochs": 1}), data, tmp_path / "run", progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("the validation set has no positive pixel: val IoU/Dice only "
+                            "measure false positives") for m in messages), messages  # fmt: skip
+    assert not any("has no positive case" in m for m in messages)  # labels say positive
 
 
 # ------------------------------------------------------------------------------------------
@@ -279,13 +345,13 @@ def test_freeze_unused_parameters_for_ddp_changes_no_weight():
 
 
 def test_precision_compile_and_channels_last_resolution(monkeypatch):
-    assert resolve_precision("auto", "cpu") == "32-true"
-    assert resolve_precision("32", "cuda") == "32-true"
-    assert resolve_precision("16-mixed", "cpu") == "16-mixed"
+    assert lightning_precision("auto", "cpu") == "32-true"
+    assert lightning_precision("32", "cuda") == "32-true"
+    assert lightning_precision("16-mixed", "cpu") == "16-mixed"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_precision("auto", "cuda") == "bf16-mixed"
+    assert lightning_precision("auto", "cuda") == "bf16-mixed"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_precision("auto", "cuda") == "16-mixed"
+    assert lightning_precision("auto", "cuda") == "16-mixed"
     assert resolve_switch("auto", "cuda") is True
     assert resolve_switch("auto", "cpu") is False
     assert resolve_switch(False, "cuda") is False

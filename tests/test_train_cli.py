@@ -5,8 +5,8 @@ from __future__ import annotations
 import cv2
 
 from ptxseg.cli import main
-from ptxseg.config import load_run_config
 from ptxseg.plots import read_metrics
+from ptxseg.run import Run
 
 CPU_SETS = [
     "--set", "model.encoder=efficientnet-b0",
@@ -28,7 +28,7 @@ def test_train_on_the_real_siim_sample_writes_a_run_folder(sample_dir, tmp_path,
     assert code == 0
     for name in ("config.yaml", "split.csv", "best.ckpt", "last.ckpt", "metrics.csv", "curves.png"):
         assert (run / name).stat().st_size > 0, name
-    cfg = load_run_config(run)
+    cfg = Run(run).config()
     assert (cfg.data.size, cfg.model.encoder, cfg.train.epochs) == (64, "efficientnet-b0", 1)
     assert cfg.optim.lr == 1e-4 and cfg.augment.enabled  # the rest is the paper's recipe
     rows = read_metrics(run / "metrics.csv")

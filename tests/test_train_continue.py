@@ -14,11 +14,15 @@ import torch
 import yaml
 
 from ptxseg.cli import main
-from ptxseg.config import load_config, load_run_config
+from ptxseg.config import load_config
 from ptxseg.data.split import read_split
 from ptxseg.errors import CheckpointError, ConfigError, RunDirError
+from ptxseg.lightning_module import SegModule
 from ptxseg.plots import read_metrics
-from ptxseg.train import RunEarlyStopping, RunFiles, SegModule, fit, plan_resume
+from ptxseg.resume import plan_resume
+from ptxseg.run import Run
+from ptxseg.train import fit
+from ptxseg.trainer import RunEarlyStopping, RunFiles
 from tests.conftest import TINY_RUN_SETTINGS, tiny_config
 
 
@@ -28,7 +32,7 @@ def _ckpt(path):
 
 def _steps_per_epoch(run) -> int:
     n_train = sum(v == "train" for v in read_split(run / "split.csv").values())
-    bs = load_run_config(run).train.batch_size
+    bs = Run(run).config().train.batch_size
     return n_train // bs if n_train > bs else 1  # drop_last
 
 
@@ -61,7 +65,7 @@ def test_extending_a_finished_run_restarts_the_cosine_over_the_added_epochs(
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     before = read_metrics(run / "metrics.csv")
-    old_cfg = load_run_config(run)
+    old_cfg = Run(run).config()
     assert [r["epoch"] for r in before] == [1, 2, 3] and before[-1]["lr"] == old_cfg.optim.lr_min
 
     cfg = load_config(run / "config.yaml", ["train.epochs=4"])
@@ -81,12 +85,13 @@ def test_extending_a_finished_run_restarts_the_cosine_over_the_added_epochs(
 
     last = _ckpt(run / "last.ckpt")
     assert last["epoch"] == 3 and last["global_step"] == 4 * k
-    assert last["ptxseg"] == {"epochs": 4}
+    assert last["ptxseg"]["epochs"] == 4  # the schedule's length, beside the model's description
+    assert last["ptxseg"]["model"] == cfg.model.model_dump(mode="json")
     best_row = max(rows, key=lambda r: r["val_iou"])  # first epoch reaching the best
     assert _ckpt(run / "best.ckpt")["epoch"] == best_row["epoch"] - 1  # best of the whole run
 
     # the run folder records the extension
-    saved = load_run_config(run)
+    saved = Run(run).config()
     assert saved.train.epochs == 4
     assert saved.model_copy(update={"train": old_cfg.train}) == old_cfg  # nothing else changed
     text = (run / "config.yaml").read_text()
@@ -113,7 +118,7 @@ def test_extension_bounds_and_a_finished_run(tiny_run, synth_data, tmp_path):
     stamps = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
     with pytest.warns(UserWarning, match=r"has finished its 3 epochs, nothing to resume; to "
                                          r"train more, extend it with --set train.epochs=N"):
-        fit(load_run_config(run), synth_data, run, resume=True, progress=False)
+        fit(Run(run).config(), synth_data, run, resume=True, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == stamps
 
 
@@ -174,7 +179,7 @@ def test_fine_tuning_starts_from_the_source_weights(tiny_run, synth_data, tmp_pa
     assert info["init_from"] == {"source": str(tiny_run.resolve()),
                                  "checkpoint": str((tiny_run / "best.ckpt").resolve()),
                                  "sha256": digest}  # fmt: skip
-    assert load_run_config(out).model.init_from == str(tiny_run)
+    assert Run(out).config().model.init_from == str(tiny_run)
     assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == [1]
     ft = _ckpt(out / "last.ckpt")
     assert ft["epoch"] == 0 and ft["global_step"] == _steps_per_epoch(out)  # fresh counters
@@ -182,20 +187,21 @@ def test_fine_tuning_starts_from_the_source_weights(tiny_run, synth_data, tmp_pa
 
 def test_fine_tuning_from_a_checkpoint_file_then_another_weights_dict(tiny_run, tmp_path):
     """A checkpoint file works as well; the module holds its weights right after setup."""
-    from ptxseg.model import load_init_weights
-    from ptxseg.train import build_module
+    from ptxseg.lightning_module import build_module
+    from ptxseg.resume import load_init_weights
 
     ckpt = tmp_path / "weights.ckpt"
     shutil.copy(tiny_run / "best.ckpt", ckpt)
     cfg = tiny_config(**{"model.init_from": str(ckpt)})
-    state, path, sha = load_init_weights(cfg)
+    state, path, sha, normalization = load_init_weights(cfg)
     assert path == ckpt and sha == hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    module = build_module(cfg, init_state=state)
+    assert normalization.mean == (0.485, 0.456, 0.406)  # what the source trained with
+    module = build_module(cfg, init_state=state, normalization=normalization)
     source = _ckpt(ckpt)["state_dict"]
     assert all(torch.equal(v, source[f"model.{k}"]) for k, v in module.model.state_dict().items())
 
 
-@pytest.mark.parametrize("source", ["run", "file", "missing", "run-without-best"])
+@pytest.mark.parametrize("source", ["run", "file", "old-file", "missing", "run-without-best"])
 def test_fine_tuning_refuses_another_architecture_or_no_source(
     tiny_run, synth_data, tmp_path, source
 ):
@@ -203,9 +209,17 @@ def test_fine_tuning_refuses_another_architecture_or_no_source(
         init, error = str(tiny_run), ConfigError
         match = (f"model.init_from: {tiny_run} was trained with model.encoder=efficientnet-b0, "
                  "this run has model.encoder=efficientnet-b1")  # fmt: skip
-    elif source == "file":
-        init, error = str(tmp_path / "w.ckpt"), CheckpointError
+    elif source == "file":  # a checkpoint says what it was trained with
+        init, error = str(tmp_path / "w.ckpt"), ConfigError
         shutil.copy(tiny_run / "best.ckpt", init)
+        match = (f"model.init_from: {init} was trained with model.encoder=efficientnet-b0, "
+                 "this run has model.encoder=efficientnet-b1")  # fmt: skip
+    elif source == "old-file":  # weights only (an older ptxseg): checked against this config
+        from ptxseg.checkpoint import save_model_checkpoint
+        from ptxseg.model import build_model
+
+        init, error = str(tmp_path / "w.ckpt"), CheckpointError
+        save_model_checkpoint(build_model(tiny_config().model, pretrained=False), init)
         match = f"model.init_from: {init}: does not match the config"
     elif source == "missing":
         init, error = str(tmp_path / "nope"), ConfigError
@@ -251,7 +265,7 @@ def test_resume_restarts_a_run_that_saved_no_checkpoint(tiny_run, synth_data, tm
     monkeypatch.setattr(RunFiles, "on_validation_end", crash)
     with pytest.warns(UserWarning, match="restarting it from scratch"):
         with pytest.raises(RuntimeError, match="simulated crash"):
-            fit(load_run_config(run), synth_data, run, resume=True, progress=False)
+            fit(Run(run).config(), synth_data, run, resume=True, progress=False)
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "data.json", "split.csv"]
     monkeypatch.undo()
 

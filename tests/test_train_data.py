@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ptxseg.data.dataset import SegDataset, resize_mask
+from ptxseg.data.dataset import SegDataset
 from ptxseg.data.prepare import prepare
 from ptxseg.data.records import Record
+from ptxseg.data.resize import resize_mask, resize_to
 from ptxseg.data.sources import load_records
 from ptxseg.errors import DataError
-from ptxseg.inference import resize_to
 
 
 def _centroid(mask: np.ndarray) -> np.ndarray:
@@ -113,18 +113,19 @@ def test_prepare_refuses_images_without_ground_truth_and_writes_nothing(tmp_path
     assert not out.exists()
 
 
-def test_safe_name_keeps_file_safe_ids():
-    from ptxseg.data.prepare import safe_name
+def test_safe_id_keeps_file_safe_ids_and_makes_the_rest_portable():
+    """The one file-safe id rule (prepare's file names, predict's output names)."""
+    from ptxseg.data.ids import safe_id
 
     for ident in ("0_test_1_", "1.2.276.0.7230010.3.1.4.8323329.5797.1517875190.762694",
                   "SiteA_3", "röntgen_7", "with space"):
-        assert safe_name(ident) == ident
-    assert safe_name("a/b\\c:d") == "a_b_c_d"
-    assert safe_name(".hidden") == "_hidden"
-    assert safe_name("x.") == "x_" and safe_name("y. ") == "y__"
-    assert safe_name("CON") == "CON_" and safe_name("nul.tar") == "nul_.tar"
-    assert safe_name("bad\udcff") == "bad_"  # a non-UTF-8 byte from a file name
-    assert safe_name("") == "image"
+        assert safe_id(ident) == ident
+    assert safe_id("a/b\\c:d") == "a_b_c_d"
+    assert safe_id(".hidden") == "_.hidden"
+    assert safe_id("x.") == "x_" and safe_id("y. ") == "y_"  # Windows drops trailing dots
+    assert safe_id("CON") == "CON_" and safe_id("nul.tar") == "nul_.tar"
+    assert safe_id("bad\udcff") == "bad_xff"  # a non-UTF-8 byte from a file name
+    assert safe_id("") == "_"
 
 
 def test_prepare_maps_unsafe_ids_back_through_its_manifest(tmp_path):
@@ -142,10 +143,10 @@ def test_prepare_maps_unsafe_ids_back_through_its_manifest(tmp_path):
     out = tmp_path / "out"
     records = prepare(tmp_path / "list.csv", out, size=32, progress=False)
     assert [(r.id, r.image.name, r.patient_id) for r in records] == [
-        (".y", "_y.png", "P2"), ("x:1", "x_1.png", "P1")
+        (".y", "_.y.png", "P2"), ("x:1", "x_1.png", "P1")
     ]
     reread, layout = load_records(out)
     assert layout == "csv"
     assert [(r.id, r.image.name, r.patient_id, r.has_pneumothorax) for r in reread] == [
-        (".y", "_y.png", "P2", True), ("x:1", "x_1.png", "P1", True)
+        (".y", "_.y.png", "P2", True), ("x:1", "x_1.png", "P1", True)
     ]

@@ -16,18 +16,12 @@ import pytest
 import torch
 
 from ptxseg.cli import main
+from ptxseg.data.inspect import non_binary_masks
+from ptxseg.lightning_module import SegModule
 from ptxseg.plots import read_metrics
-from ptxseg.train import (
-    EpochLines,
-    RunFiles,
-    SegModule,
-    TrainingInterrupted,
-    WriteError,
-    _ProgressBar,
-    build_trainer,
-    fit,
-    non_binary_masks,
-)
+from ptxseg.run import Run
+from ptxseg.train import TrainingInterrupted, fit
+from ptxseg.trainer import EpochLines, ProgressBar, RunFiles, WriteError, build_trainer
 from tests.conftest import tiny_config
 
 CPU_SETS = [
@@ -51,7 +45,11 @@ EPOCH_LINE = re.compile(
 
 
 def test_a_log_gets_one_line_per_stage_and_per_epoch(synth_data, tmp_path, capsys):
-    run = fit(tiny_config(**{"train.epochs": 2}), synth_data, tmp_path / "run", progress=True)
+    """Through the command line: the library draws the progress lines, and hands the
+    announcement back for the command line to print (``fit`` alone prints no notes)."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(synth_data), "--out", str(run), *CPU_SETS,
+                 "--set", "train.epochs=2"]) == 0  # fmt: skip
     err = capsys.readouterr().err  # captured: not a terminal
     lines = err.splitlines()
     assert "━" not in err and "\r" not in err  # no progress bar drawn into the log
@@ -73,15 +71,15 @@ def test_a_log_gets_one_line_per_stage_and_per_epoch(synth_data, tmp_path, capsy
 
 
 def test_a_terminal_keeps_the_rich_bar(tmp_path, monkeypatch):
-    import ptxseg.train as train
+    import ptxseg.trainer as trainer_mod
 
-    for tty, kind in ((True, _ProgressBar), (False, EpochLines)):
-        monkeypatch.setattr(train, "stderr_is_terminal", lambda tty=tty: tty)
+    for tty, kind in ((True, ProgressBar), (False, EpochLines)):
+        monkeypatch.setattr(trainer_mod, "stderr_is_terminal", lambda tty=tty: tty)
         trainer = build_trainer(tiny_config(), tmp_path, progress=True)
-        shown = [type(c) for c in trainer.callbacks if isinstance(c, _ProgressBar | EpochLines)]
+        shown = [type(c) for c in trainer.callbacks if isinstance(c, ProgressBar | EpochLines)]
         assert shown == [kind]
     quiet = build_trainer(tiny_config(), tmp_path, progress=False)
-    assert not any(isinstance(c, _ProgressBar | EpochLines) for c in quiet.callbacks)
+    assert not any(isinstance(c, ProgressBar | EpochLines) for c in quiet.callbacks)
 
 
 def test_cli_train_log_lines_and_one_epoch_singular(synth_data, tmp_path, capsys):
@@ -101,7 +99,8 @@ def test_cli_train_log_lines_and_one_epoch_singular(synth_data, tmp_path, capsys
 
 def test_run_summary_says_1_epoch(tmp_path):
     from ptxseg.config import save_config
-    from ptxseg.train import format_metrics, run_summary
+    from ptxseg.train import run_summary
+    from ptxseg.trainer import format_metrics
 
     save_config(tiny_config(**{"train.epochs": 5, "train.patience": 1}), tmp_path / "config.yaml")
     row = {"train_loss": 1.0, "val_loss": 1.0, "val_iou": 0.25, "val_dice": 0.4, "lr": 1e-4,
@@ -215,13 +214,13 @@ def test_enospc_from_the_os_is_the_same_error(synth_data, tmp_path, monkeypatch)
 
 
 def test_a_failed_metrics_write_names_the_file(tmp_path, monkeypatch):
-    import ptxseg.train as train
+    import ptxseg.trainer as trainer_mod
 
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train, "write_text", full)
-    files = RunFiles(tmp_path)
+    monkeypatch.setattr(trainer_mod, "write_text", full)
+    files = RunFiles(Run(tmp_path))
     files.rows = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_iou": 0.1,
                    "val_dice": 0.2, "lr": 1e-4, "time_s": 1.0}]  # fmt: skip
 

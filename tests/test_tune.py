@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ptxseg.errors import PtxsegError
 from ptxseg.metrics import confusion_counts
 from ptxseg.postprocess import PostParams, binarize
 from ptxseg.tune import AREAS, THRESHOLDS, GridStats, grid_counts, search
@@ -23,10 +24,34 @@ def smooth_blobs(rng: np.random.Generator, size: int, n_blobs: int = 6) -> np.nd
     return np.clip(p + rng.uniform(0, 0.03, p.shape).astype(np.float32), 0, 1)
 
 
-def test_grid_thresholds_and_areas():
-    assert THRESHOLDS[0] < 0.05 and 0.05 in THRESHOLDS and THRESHOLDS[-1] == 0.95
-    assert list(THRESHOLDS) == sorted(THRESHOLDS)
-    assert AREAS == (0, 256, 512, 1024, 2048, 4096)
+@pytest.mark.parametrize(("low", "high"), [(0.015, 0.035), (0.935, 0.97)])
+def test_the_default_grid_reaches_below_the_papers_lowest_threshold_and_up_to_095(low, high):
+    """A lesion at probability ``high`` on a background at ``low``: only a threshold between
+    the two separates them, so the default grid must hold one (the paper's started at 0.05;
+    models trained with Dice often put lesions below it)."""
+    p = np.full((64, 64), low, np.float32)
+    gt = np.zeros((64, 64), np.uint8)
+    p[10:30, 10:30], gt[10:30, 10:30] = high, 1
+    stats = GridStats()  # the default THRESHOLDS and AREAS
+    stats.add(p, gt)
+    result = search(stats, objective="iou")
+    assert result.score == pytest.approx(1.0)
+    assert low < result.params.binary_threshold < high
+
+
+def test_the_default_grid_removes_components_up_to_4096_px_at_512():
+    """A 60x60 (3,600 px) false blob beside an 80x80 (6,400 px) lesion at 512 px: only a
+    removal area between the two is perfect, and the default grid has 4096 (the paper's
+    largest)."""
+    p = np.zeros((512, 512), np.float32)
+    gt = np.zeros((512, 512), np.uint8)
+    p[20:100, 20:100], gt[20:100, 20:100] = 0.9, 1
+    p[300:360, 300:360] = 0.9
+    stats = GridStats()
+    stats.add(p, gt)
+    result = search(stats, objective="iou", size=512)
+    assert result.score == pytest.approx(1.0)
+    assert result.params.removal_area == 4096
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -140,9 +165,9 @@ def test_search_rejects_bad_arguments():
     with pytest.raises(ValueError, match="no images"):
         search(stats)
     stats.add(*_pixel_case(True))
-    with pytest.raises(ValueError, match="objective"):
+    with pytest.raises(PtxsegError, match=r"--objective: unknown 'dice' \(valid: iou, kaggle\)"):
         search(stats, objective="dice")
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(PtxsegError, match=r"--mode: unknown 'double' \(valid: pixel, triplet\)"):
         search(stats, mode="double")
 
 

@@ -27,6 +27,7 @@ always applied together); sharing one generator avoids that and keeps runs repro
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import albumentations as A
@@ -98,3 +99,24 @@ def apply(
     """
     out: dict[str, Any] = transform(image=image, mask=mask)
     return np.ascontiguousarray(out["image"]), np.ascontiguousarray(out["mask"])
+
+
+@dataclass
+class Augmenter:
+    """A pipeline as the training dataset uses it: ``augmenter(image, mask)`` augments a pair
+    (:func:`apply`) and ``augmenter.reseed(seed)`` reseeds it (:func:`seed_transform`), so the
+    data layer never imports albumentations."""
+
+    transform: A.Compose
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return apply(self.transform, image, mask)
+
+    def reseed(self, seed: int | None) -> None:
+        seed_transform(self.transform, seed)
+
+
+def train_augmenter(cfg: AugmentConfig, seed: int | None = None) -> Augmenter | None:
+    """:func:`build_train_transform` as an :class:`Augmenter` (``None`` when disabled)."""
+    transform = build_train_transform(cfg, seed)
+    return None if transform is None else Augmenter(transform)

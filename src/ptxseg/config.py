@@ -29,7 +29,10 @@ from pydantic import (
     model_validator,
 )
 
+from ptxseg.data.sources import Layout
 from ptxseg.errors import ConfigError
+from ptxseg.hardware import ACCELERATOR_CHOICES
+from ptxseg.normalization import WEIGHT_NAMES
 
 BUILTIN_DIR = Path(__file__).parent / "configs"
 
@@ -59,7 +62,7 @@ class DataConfig(_Section):
         description="DataLoader worker processes that decode and augment images; null = this "
         "process's CPU cores minus one (at most 16), 0 = load in the training process",
     )
-    layout: Literal["auto", "png", "siim", "ptx498", "csv"] = Field(
+    layout: Literal[Layout.values()] = Field(  # type: ignore[valid-type]
         "auto",
         description="dataset layout; auto detects it (png pairs, SIIM DICOM + run-length CSV, "
         "PTX-498 sites, csv manifest)",
@@ -99,10 +102,17 @@ class ModelConfig(_Section):
     )
     encoder_weights: str | None = Field(
         "imagenet",
-        description="encoder initialisation: 'imagenet' (downloaded on first use), null "
-        "(random), or a path to a local encoder weights file (smp, timm or EfficientNet-PyTorch "
-        "names, mapped by ptxseg.weights; its sha256 goes to weights.json); not used (and not "
-        "downloaded) when model.init_from is set",
+        description="encoder initialisation: 'imagenet' (downloaded on first use), another "
+        "weights name of the encoder (e.g. 'advprop'), null (random), or a path to a local "
+        "encoder weights file (smp, timm or EfficientNet-PyTorch names, mapped by "
+        "ptxseg.weights; its sha256 goes to weights.json); not used (and not downloaded) when "
+        "model.init_from is set. The weights choose the input normalisation (mean/std; null: "
+        "ImageNet's)",
+    )
+    encoder_weights_kind: Literal[WEIGHT_NAMES] = Field(  # type: ignore[valid-type]
+        "imagenet",
+        description="for a local encoder_weights file: the pretrained weights it holds, which "
+        "choose the input normalisation (mean/std); ignored otherwise",
     )
     bn_momentum: float | None = Field(
         None,
@@ -113,9 +123,10 @@ class ModelConfig(_Section):
     )
     init_from: str | None = Field(
         None,
-        description="fine-tuning: start from the weights of a run folder (its best.ckpt) or "
-        "of a checkpoint file, with a fresh optimizer and LR schedule; arch and encoder must "
-        "match it; encoder_weights is then ignored; its path and sha256 go to data.json",
+        description="fine-tuning: start from the weights of a run folder (its best "
+        "checkpoint) or of a checkpoint file, with a fresh optimizer and LR schedule; arch and "
+        "encoder must match it; encoder_weights is then ignored; its path and sha256 are "
+        "recorded with the run's dataset",
     )
 
 
@@ -216,7 +227,7 @@ class TrainConfig(_Section):
     devices: int | Literal["auto"] = Field(
         1, description="devices (GPUs) per machine; DDP when more than one; auto = all GPUs"
     )
-    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
+    accelerator: Literal[ACCELERATOR_CHOICES] = Field(  # type: ignore[valid-type]
         "auto", description="hardware; auto = CUDA when available, else MPS, else CPU"
     )
     seed: int = Field(
@@ -390,10 +401,10 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     if isinstance(name_or_path, Path) or is_path_like(text):
         path = Path(name_or_path)
         if path.is_dir():
+            inside = sorted(path.glob("*.yaml"))  # a run folder's config, say
             raise ConfigError(
                 f"{path}: is a folder, not a config file"
-                + (f" (the run's config is {path / 'config.yaml'})"
-                   if (path / "config.yaml").is_file() else "")
+                + (f" (did you mean {inside[0]}?)" if len(inside) == 1 else "")
             )
         if not path.exists():
             raise ConfigError(f"{path}: config file not found")
@@ -467,11 +478,3 @@ def save_config(cfg: Config, path: str | Path, *, header: str = "") -> None:
 
     comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
     write_text(path, comment + cfg.to_yaml())
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    """The resolved config saved in a run folder."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise ConfigError(f"{path}: missing (is {run_dir} a ptxseg run folder?)")
-    return validate(_read_yaml(path), str(path))

@@ -275,19 +275,20 @@ def mean_probs(maps: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray | torch.
 
 def _member_probs(member: Any, x: np.ndarray, tta: str) -> np.ndarray:
     if isinstance(member, torch.nn.Module):
-        from ptxseg.inference import batch_probs
+        from ptxseg.predictor import TorchModel
 
-        return batch_probs(member, torch.from_numpy(x), tta)
+        device = next(member.parameters()).device.type
+        return TorchModel(member, device).probs(x, tta)
     return member.probs(x, tta)
 
 
 class Ensemble:
-    """Several models predicting as one: a :class:`~ptxseg.inference.ProbsBackend` whose
+    """Several models predicting as one: a :class:`~ptxseg.predictor.Member` backend whose
     probabilities are :func:`mean_probs` of its members', each member applying ``tta`` itself
     before the average.
 
     Args:
-        members: torch models (run with :func:`ptxseg.inference.batch_probs`) or objects with
+        members: torch models (run with :class:`ptxseg.predictor.TorchModel`) or objects with
             ``probs(x, tta)`` (an ONNX backend, another ensemble...), all of one input size.
         names: what each member is (its run folder), for the outputs that list the members.
 

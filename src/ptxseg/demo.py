@@ -33,6 +33,7 @@ from ptxseg.fileio import write_json
 from ptxseg.progress import plural
 
 MARKER = "demo.json"
+DATA, RUN, PREDICTIONS = "data", "run", "predictions"
 
 
 @dataclass
@@ -74,12 +75,14 @@ def _prepare_out(out: Path) -> None:
             f"{out}: folder exists and is not a previous demo output (no {MARKER}); "
             "choose another --out"
         )
-    for name in ("data", "run", "overlays", "predictions"):
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
-    for name in (MARKER, "metrics.json", "per_image.csv", "report.html", "confusion_matrix.png",
-                 "training_curves.png"):
-        (out / name).unlink(missing_ok=True)
+    from ptxseg.evaluate import OUTPUTS
+
+    for name in (DATA, RUN, PREDICTIONS, MARKER, *OUTPUTS):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def run_demo(
@@ -96,7 +99,7 @@ def run_demo(
     from rich.console import Console
 
     from ptxseg.data.synthetic import generate
-    from ptxseg.evaluate import evaluate_run
+    from ptxseg.evaluate import METRICS_JSON, evaluate_run
     from ptxseg.predict import predict
     from ptxseg.train import fit, run_summary
     from ptxseg.tune import tune_run
@@ -128,7 +131,7 @@ def run_demo(
         console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     name, t0 = step("synth", f"1/5 synthesise {size.n_train} training + {size.n_test} test images")
-    train_dir, test_dir = out / "data" / "train", out / "data" / "test"
+    train_dir, test_dir = out / DATA / "train", out / DATA / "test"
     # the held-out set gets other ids than the training images': evaluate counts the run's
     # training ids it sees
     made = [
@@ -152,7 +155,7 @@ def run_demo(
         f"2/5 train {cfg.model.arch} + {cfg.model.encoder} at {cfg.data.size} px, "
         f"{plural(cfg.train.epochs, 'epoch')}",
     )
-    run = fit(cfg, train_dir, out / "run", progress=progress)
+    run = fit(cfg, train_dir, out / RUN, progress=progress)
     timings[name] = round(time.perf_counter() - t0, 2)
     result(run_summary(run))
 
@@ -171,7 +174,7 @@ def run_demo(
     result(
         f"{plural(metrics['n_images'], 'held-out image')}: pooled Dice {pooled['f1']:.4f}, "
         f"IoU {pooled['iou']:.4f}; per-image (SIIM-ACR) Dice "
-        f"{metrics['per_image']['kaggle_dice']:.4f} -> {out / 'metrics.json'}"
+        f"{metrics['per_image']['kaggle_dice']:.4f} -> {out / METRICS_JSON}"
     )
 
     name, t0 = step("predict", "5/5 predict a few test images")
@@ -179,15 +182,15 @@ def run_demo(
     predicted = predict(
         run,
         sample,
-        out / "predictions",
-        kaggle_csv=out / "predictions" / "submission.csv",
+        out / PREDICTIONS,
+        kaggle_csv=out / PREDICTIONS / "submission.csv",
         progress=progress,
         console=console,
     )
     timings[name] = round(time.perf_counter() - t0, 2)
     result(
         f"{plural(predicted.n_images - predicted.n_errors, 'image')} predicted, "
-        f"{predicted.n_positive} with pneumothorax -> {out / 'predictions'}/"
+        f"{predicted.n_positive} with pneumothorax -> {out / PREDICTIONS}/"
     )
     timings["total"] = round(sum(timings.values()), 2)
     record["pooled_dice"] = metrics["pooled"]["f1"]

@@ -98,15 +98,6 @@ class AlgorithmInfo:
         }
 
 
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file (a checkpoint), hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_source(path: str | Path):
     """The header of a source DICOM (pixel data not read: the SEG needs none, so JPEG and
     other compressed sources need no decoder). Raises :class:`DataError` on a file that is not

@@ -1,26 +1,26 @@
-"""ONNX export of a run's model, and the ONNX Runtime backend of ``ptxseg predict``.
+"""ONNX export of a run's model (the ONNX Runtime backend: :mod:`ptxseg.onnx_runtime`).
 
 The exported graph is the whole :class:`~ptxseg.model.SegModel` plus a sigmoid:
 
 - input ``image``: float32 ``(N, 1, S, S)``, raw gray values 0..255, dynamic batch ``N``;
 - output ``probs``: float32 ``(N, 1, S, S)``, pneumothorax probabilities.
 
-Normalisation (``/255``, gray replicated to 3 channels, ImageNet mean/std) happens inside the
-graph, and the file's ``metadata_props`` carry everything a consumer needs to preprocess
+Normalisation (``/255``, gray replicated to 3 channels, the model's own mean/std) happens
+inside the graph, and the file's ``metadata_props`` carry everything a consumer needs to preprocess
 (``ptxseg.input_size``, ``ptxseg.normalization``, ``ptxseg.resize``) and to know what it runs
 (``ptxseg.arch``, ``ptxseg.encoder``, ``ptxseg.checkpoint_sha256``). The ONNX backend reads
 nothing else from the run folder (post-processing thresholds still come from
 ``thresholds.json`` or ``--thresholds``).
 
-The file is written only after parity is checked: ONNX Runtime and PyTorch (fp32, CPU) must
-agree within ``tolerance`` on the probabilities of a sample batch. The output path is checked
-before anything else (:func:`check_export_out`): never the run's config or checkpoint, never a
-folder, and an existing file only when it is a ptxseg export itself (or with ``overwrite``).
+The file is written only after parity is checked: the predictor's ONNX Runtime and PyTorch
+backends (fp32, CPU) must agree within ``tolerance`` on the probabilities of a sample batch.
+The output path is checked before anything else (:func:`check_export_out`): never the run's
+config or checkpoint, never a folder, and an existing file only when it is a ptxseg export
+itself (or with ``overwrite``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -34,15 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ptxseg.errors import CheckpointError, PtxsegError
-from ptxseg.fileio import write_bytes
-from ptxseg.inference import check_tta
+from ptxseg.errors import PtxsegError
+from ptxseg.fileio import resolved, sha256_file, write_bytes
+from ptxseg.onnx_runtime import DEFAULT_TOLERANCE, INPUT_NAME, OUTPUT_NAME, OnnxModel
+from ptxseg.outputs import check_output_file
+from ptxseg.run import Run
 
-INPUT_NAME = "image"
-OUTPUT_NAME = "probs"
 OPSET = 17
 FORMAT_VERSION = "1"
-DEFAULT_TOLERANCE = 1e-4
 RESIZE_RULE = (
     "resize the (H, W) gray image to (S, S) with cv2 INTER_AREA when shrinking, INTER_LINEAR "
     "when growing; resize probabilities back to (H, W) bilinearly"
@@ -74,14 +73,6 @@ class ExportResult:
     exporter: str  # "torchscript" (dynamo=False) or "dynamo"
     seconds: float
     bytes: int
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_metadata(model: nn.Module, size: int, **extra: str) -> dict[str, str]:
@@ -165,29 +156,6 @@ def sample_batch(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.rint(out))
 
 
-def onnx_providers(prefer_cuda: bool = True) -> list[str]:
-    """CUDA first where ONNX Runtime has it, then CPU."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    wanted = ["CUDAExecutionProvider"] if prefer_cuda else []
-    return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
-
-
-def _session(model: bytes | str | Path, providers: list[str] | None = None, spin: bool = True):
-    """An ONNX Runtime session. ``spin=False`` stops idle intra-op threads from busy-waiting,
-    which leaves the CPU to the reading and writing threads that share it during prediction
-    (about 10% more images/s on 2 cores)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    src = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(src, sess_options=opts, providers=providers or onnx_providers())
-
-
 def export_model(
     model: nn.Module,
     size: int,
@@ -208,7 +176,7 @@ def export_model(
     wrapper = ProbsModel(model).eval()
     sample = sample_batch(size) if sample is None else sample
     with tempfile.TemporaryDirectory(prefix="ptxseg-export-") as tmp:
-        path = Path(tmp) / "model.onnx"
+        path = Path(tmp) / "export.onnx"
         with torch.no_grad():
             exporter = _torch_export(wrapper, sample, path, opset)
         proto = onnx.load(str(path), load_external_data=True)
@@ -223,13 +191,16 @@ def export_model(
 
 
 def parity(model: nn.Module, onnx_model: bytes | str | Path, sample: torch.Tensor) -> float:
-    """Largest absolute difference between PyTorch (fp32, CPU) and ONNX Runtime (CPU)
-    probabilities on ``sample`` ``(N, 1, S, S)``."""
-    wrapper = ProbsModel(model.eval().float().cpu()).eval()
-    with torch.no_grad():
-        expected = wrapper(sample).numpy()
-    session = _session(onnx_model, ["CPUExecutionProvider"])
-    got = session.run([OUTPUT_NAME], {INPUT_NAME: sample.numpy().astype(np.float32)})[0]
+    """Largest absolute difference between the predictor's PyTorch (fp32, CPU) and ONNX
+    Runtime (CPU) probabilities on ``sample`` ``(N, 1, S, S)`` (values 0..255)."""
+    from ptxseg.predictor import Member, Predictor, TorchModel
+
+    size = sample.shape[-1]
+    x = sample.numpy().astype(np.uint8)
+    torch_side = Member(TorchModel(model.float(), "cpu"), size)
+    onnx_side = Member(OnnxModel(onnx_model, ["CPUExecutionProvider"], spin=True), size)
+    expected = Predictor([torch_side]).batch_probs(x)
+    got = Predictor([onnx_side]).batch_probs(x)
     if got.shape != expected.shape:
         raise PtxsegError(f"ONNX parity: output shape {got.shape} != PyTorch {expected.shape}")
     return float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
@@ -261,9 +232,6 @@ def check_export_out(out: Path, inputs: list[Path], *, overwrite: bool = False) 
     Raises:
         PtxsegError: naming ``out`` as the user gave it.
     """
-    from ptxseg.fileio import resolved
-    from ptxseg.predict import check_output_file
-
     check_output_file(out, "--out", create_folder=True)
     if resolved(out) in {resolved(p) for p in inputs}:
         raise PtxsegError(f"{out}: --out is one of the export's inputs; refusing to overwrite it")
@@ -284,10 +252,11 @@ def export_run(
     batch: int = 3,
     overwrite: bool = False,
 ) -> ExportResult:
-    """Export ``RUN/<which>.ckpt`` to ONNX (default ``RUN/model.onnx``) and check parity.
+    """Export the run's ``which`` checkpoint to ONNX (default: the run's ``model.onnx``) and
+    check parity.
 
     Args:
-        run_dir: a run folder (``config.yaml`` + checkpoint).
+        run_dir: a run folder (its checkpoint; its config only for an older checkpoint).
         out: the ONNX file to write.
         tolerance: the largest accepted ONNX Runtime vs PyTorch difference in probability; the
             file is not written when parity fails.
@@ -301,22 +270,19 @@ def export_run(
             export fails or parity is above ``tolerance``.
     """
     from ptxseg import __version__
-    from ptxseg.config import load_run_config
-    from ptxseg.model import load_model
 
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / "model.onnx"
-    ckpt = run_dir / f"{which}.ckpt"
-    cfg = load_run_config(run_dir)  # "not a run folder" comes first
-    check_export_out(out, [run_dir / "config.yaml", ckpt], overwrite=overwrite)
-    model = load_model(cfg, ckpt)
-    size = cfg.data.size
+    run = Run.open(run_dir)
+    out = Path(out) if out is not None else run.onnx_path
+    ckpt = run.checkpoint(which)
+    check_export_out(out, [run.config_path, ckpt], overwrite=overwrite)
+    model, info = run.load_model(which)
+    size = info.size
     meta = model_metadata(
         model,
         size,
-        arch=cfg.model.arch,
-        encoder=cfg.model.encoder,
+        arch=info.model.arch,
+        encoder=info.model.encoder,
         checkpoint=ckpt.name,
         checkpoint_sha256=sha256_file(ckpt),
         version=__version__,
@@ -338,70 +304,3 @@ def export_run(
         seconds=time.perf_counter() - t0,
         bytes=len(data),
     )
-
-
-class OnnxModel:
-    """An exported model on ONNX Runtime (CUDA where present, else CPU): the ``onnx`` backend
-    of :func:`ptxseg.inference.predict_probs` (a :class:`~ptxseg.inference.ProbsBackend`).
-
-    Everything needed to preprocess comes from the file's metadata (see the module doc).
-    """
-
-    def __init__(self, path: str | Path, providers: list[str] | None = None, spin: bool = False):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(
-                f"{self.path}: ONNX model not found (create it with `ptxseg export RUN`, "
-                "or pass --model FILE)"
-            )
-        try:
-            self.session = _session(self.path, providers, spin=spin)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-            raise CheckpointError(
-                f"{self.path}: not a readable ONNX model ({type(exc).__name__}: {first})"
-            ) from None
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.size = self._size()
-        self.input_name = self.metadata.get("ptxseg.input_name", INPUT_NAME)
-        self.output_name = self.metadata.get("ptxseg.output_name", OUTPUT_NAME)
-        names = [i.name for i in self.session.get_inputs()]
-        if self.input_name not in names:
-            raise CheckpointError(f"{self.path}: no input named '{self.input_name}' ({names})")
-        self.providers = self.session.get_providers()
-        self.device = torch.device("cpu")  # batches are handed over as host numpy arrays
-
-    def _size(self) -> int:
-        raw = self.metadata.get("ptxseg.input_size")
-        if raw is None:
-            raise CheckpointError(
-                f"{self.path}: not a ptxseg export (no ptxseg.input_size metadata); "
-                "create it with `ptxseg export RUN`"
-            )
-        try:
-            size = int(raw)
-        except ValueError:
-            size = 0
-        if size <= 0:
-            raise CheckpointError(f"{self.path}: bad ptxseg.input_size metadata {raw!r}")
-        return size
-
-    def describe(self) -> str:
-        arch = self.metadata.get("ptxseg.arch", "?")
-        enc = self.metadata.get("ptxseg.encoder", "?")
-        return f"{self.path} ({arch}/{enc}, {self.size} px, {self.providers[0]})"
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        out = self.session.run([self.output_name], {self.input_name: x})[0]
-        return out[:, 0].astype(np.float32, copy=False)
-
-    def probs(self, x: np.ndarray, tta: str = "none") -> np.ndarray:
-        """Probabilities ``(B, S, S)`` float32 of a batch ``(B, 1, S, S)`` of 0..255 values;
-        ``tta='hflip'`` averages the image and its mirror."""
-        check_tta(tta)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        p = self._run(x)
-        if tta == "hflip":
-            flipped = self._run(np.ascontiguousarray(x[..., ::-1]))[..., ::-1]
-            p = 0.5 * (p + flipped)
-        return p

@@ -5,7 +5,8 @@ fsync, ``os.replace``). Text is written as UTF-8; a name that is not UTF-8 (a lo
 in a ``str``) is written ``\\xff`` (:func:`ptxseg.errors.printable`) instead of failing.
 
 Reading: :func:`open_regular` opens regular files only (a FIFO, a device, a symlink loop is
-a one-line :class:`~ptxseg.errors.DataError`, never a read that blocks forever).
+a one-line :class:`~ptxseg.errors.DataError`, never a read that blocks forever); text and CSV
+files the user names are read through it (:func:`read_text`, :func:`read_csv_lines`).
 :func:`folder_lock` keeps two processes from writing into one output folder at once.
 """
 
@@ -225,6 +226,72 @@ def read_text(path: str | Path, what: str, *, missing: str = "file not found",
         raise
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(path, f"cannot read {what} ({exc})") from None
+
+
+def _norm(name: str) -> str:
+    return name.strip().lstrip("\ufeff").strip().lower()
+
+
+def read_csv_rows(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Read a CSV (BOM and CRLF tolerated) -> (normalised column names, rows keyed by them).
+
+    Column names are stripped and lower-cased; cell values are stripped; blank lines skipped.
+    """
+    header, rows, _lines = read_csv_lines(path)
+    return header, rows
+
+
+def read_csv_lines(path: str | Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """:func:`read_csv_rows` plus the line of the file each row starts on (1 = the header's
+    line; blank lines and quoted newlines counted as in a text editor)."""
+    from ptxseg.errors import DataError
+
+    text = read_text(path, "CSV", encoding="utf-8-sig")
+    rows, lines = [], []
+    try:
+        reader = csv.reader(io.StringIO(text))
+        end = 0  # the line the previous row ended on
+        for r in reader:
+            start, end = end + 1, reader.line_num
+            if any(c.strip() for c in r):
+                rows.append(r)
+                lines.append(start)
+    except csv.Error as exc:
+        raise DataError(path, f"malformed CSV ({exc})") from None
+    if not rows:
+        raise DataError(path, "CSV is empty (no header)")
+    header = [_norm(c) for c in rows[0]]
+    out = []
+    for r, line in zip(rows[1:], lines[1:], strict=True):
+        if len(r) > len(header):
+            raise DataError(
+                path, f"line {line} has {len(r)} cells but the header has {len(header)}"
+            )
+        out.append({k: (r[j].strip() if j < len(r) else "") for j, k in enumerate(header)})
+    return header, out, lines[1:]
+
+
+def csv_header(path: str | Path) -> list[str]:
+    """The normalised column names of a CSV's first line (``[]`` for anything unreadable)."""
+    from ptxseg.errors import DataError
+
+    try:
+        with io.TextIOWrapper(open_regular(path), encoding="utf-8-sig", newline="") as fh:
+            first = next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error, DataError):
+        return []
+    return [_norm(c) for c in first]
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

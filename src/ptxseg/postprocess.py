@@ -16,10 +16,9 @@ have been resized back to an image's native (H, W), pass ``area_scale = H*W / si
 level in pixel mode, plus ``mode`` and ``size``; the tuner adds ``objective``, ``score`` and the
 grid's table beside them.
 
-Which rule a run uses (:func:`resolve_thresholds`, the one rule of evaluate and predict):
-``--thresholds FILE`` when given (a missing file is an error); else ``RUN/thresholds.json``
-when the run was tuned; else :data:`DEFAULT_PARAMS` (``probs > 0.5``, no component removal)
-with the warning of :func:`default_rule_warning`, and the source recorded as ``"default"``.
+Which rule a run uses is the run folder's business (:meth:`ptxseg.run.Run.thresholds`): a
+given file, else the run's tuned one, else :data:`DEFAULT_PARAMS` (``probs > 0.5``, no
+component removal) with a warning.
 """
 
 from __future__ import annotations
@@ -34,11 +33,18 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from ptxseg.choices import Choice
 from ptxseg.errors import DataError
 from ptxseg.fileio import read_text, write_text
 
-MODES = ("pixel", "triplet")
 CONNECTIVITY = 8
+
+
+class Mode(Choice):
+    """The post-processing rule (``--mode``)."""
+
+    PIXEL = "pixel"
+    TRIPLET = "triplet"
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,8 @@ class PostParams:
     size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode: unknown '{self.mode}' (valid: {', '.join(MODES)})")
+        if self.mode not in Mode.values():
+            raise ValueError(f"mode: unknown '{self.mode}' (valid: {', '.join(Mode.values())})")
         for name in ("binary_threshold", "top_threshold", "bottom_threshold"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 1.0):
@@ -197,8 +203,8 @@ def params_from_dict(obj: Any, source: str = "thresholds") -> PostParams:
     if not isinstance(obj, dict):
         raise DataError(source, "not a thresholds file (expected a JSON object)")
     mode = obj.get("mode", "pixel")
-    if mode not in MODES:
-        raise DataError(source, f"'mode': unknown '{mode}' (valid: {', '.join(MODES)})")
+    if mode not in Mode.values():
+        raise DataError(source, f"'mode': unknown '{mode}' (valid: {', '.join(Mode.values())})")
     needed = (
         ("binary_threshold",)
         if mode == "pixel"
@@ -220,39 +226,6 @@ def params_from_dict(obj: Any, source: str = "thresholds") -> PostParams:
         return PostParams(**kwargs)
     except ValueError as exc:
         raise DataError(source, str(exc)) from None
-
-
-def default_rule_warning(run: str | Path) -> str:
-    """The one warning of evaluate and predict when a run has no ``thresholds.json``."""
-    return (
-        f"{Path(run) / 'thresholds.json'} not found: using the default rule "
-        f"{DEFAULT_PARAMS.describe()} (run `ptxseg tune {run}` to choose them)"
-    )
-
-
-def resolve_thresholds(
-    run: str | Path, thresholds: str | Path | None = None
-) -> tuple[PostParams, str]:
-    """The post-processing rule of ``run`` and where it came from.
-
-    Args:
-        run: the run folder.
-        thresholds: an explicit thresholds file (``--thresholds FILE``); it must exist.
-
-    Returns:
-        (params, source): source is the file read, or :data:`DEFAULT_SOURCE` (``"default"``)
-        when neither ``thresholds`` nor ``RUN/thresholds.json`` exists; the caller then shows
-        :func:`default_rule_warning` (evaluate and predict say the same thing).
-
-    Raises:
-        DataError: an explicit file that is missing, or any unreadable/invalid file.
-    """
-    if thresholds is not None:
-        return load_params(thresholds), str(thresholds)
-    path = Path(run) / "thresholds.json"
-    if path.exists():
-        return load_params(path), str(path)
-    return DEFAULT_PARAMS, DEFAULT_SOURCE
 
 
 def load_params(path: str | Path) -> PostParams:

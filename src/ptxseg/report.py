@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -22,6 +22,11 @@ import numpy as np
 from ptxseg.fileio import save_figure, write_text
 from ptxseg.metrics import ImageStats
 from ptxseg.overlays import PRED_RGB, TRUTH_RGB, draw_overlay  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from ptxseg.run import Run
+
+TRAINING_CURVES_PNG = "training_curves.png"  # the run's curves, re-plotted into the report's out
 
 PANEL_SIZE = 384  # longest side of an overlay panel, pixels
 GT_RGB = TRUTH_RGB  # the ground truth's colour (name kept for callers)
@@ -177,21 +182,20 @@ def confusion_figure(pooled: dict[str, Any]):
     return fig
 
 
-def training_curves(run: Path, out: Path) -> Path | None:
-    """The run's loss/IoU curves: re-plotted from ``RUN/metrics.csv`` into
-    ``out/training_curves.png`` (``ptxseg.plots``), else the run's own ``curves.png``, else
+def training_curves(run: Run, out: Path) -> Path | None:
+    """The run's loss/IoU curves: re-plotted from its epoch metrics into
+    ``out/training_curves.png`` (``ptxseg.plots``), else the run's own curves figure, else
     None."""
     from ptxseg.errors import PtxsegError
     from ptxseg.plots import plot_curves
 
-    metrics_csv = run / "metrics.csv"
-    if metrics_csv.exists():
+    if run.metrics_path.exists():
         try:
-            plot_curves(metrics_csv, out / "training_curves.png")
-            return out / "training_curves.png"
+            plot_curves(run.metrics_path, out / TRAINING_CURVES_PNG)
+            return out / TRAINING_CURVES_PNG
         except (PtxsegError, OSError, ValueError):
             pass
-    return run / "curves.png" if (run / "curves.png").exists() else None
+    return run.curves_path if run.curves_path.exists() else None
 
 
 def _grid_index(values: list[float], chosen: Any) -> int | None:
@@ -322,32 +326,11 @@ def metric_table_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, str,
     return out
 
 
-def _non_empty_columns(header: list[str], rows: list[list[Any]]) -> list[int]:
+def non_empty_columns(header: list[str], rows: list[list[Any]]) -> list[int]:
     """Indices of the columns with at least one non-empty cell (all of them without rows)."""
     if not rows:
         return list(range(len(header)))
     return [i for i in range(len(header)) if any(str(r[i]) != "" for r in rows)]
-
-
-def metrics_table(metrics: dict[str, Any]):
-    """A rich table of the metrics, for the terminal (empty columns left out)."""
-    from rich.table import Table
-
-    table = Table(
-        title=(
-            f"{metrics['n_images']} images ({metrics['n_positive']} with pneumothorax), "
-            f"compared at {metrics.get('compared_at', '?')} resolution"
-        )
-    )
-    header = ["section", "metric", "value", ci_header(metrics), "note"]
-    rows = [list(r) for r in metric_table_rows(metrics)]
-    keep = _non_empty_columns(header, rows)
-    for i in keep:
-        table.add_column(header[i], justify="right" if i in (2, 3) else "left",
-                         style="dim" if i == 4 else None)
-    for row in rows:
-        table.add_row(*(row[i] for i in keep))
-    return table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +358,7 @@ def _table(header: list[str], rows: list[list[Any]], *, numeric: tuple[int, ...]
     """An HTML table; columns whose cells are all empty are left out; ``numeric`` columns
     (indices into ``header``) are right-aligned."""
     e = html.escape
-    keep = _non_empty_columns(header, rows)
+    keep = non_empty_columns(header, rows)
 
     def cls(i: int) -> str:
         return ' class="num"' if i in numeric else ""
@@ -428,14 +411,14 @@ table.cm th{background:#f4f4f4;font-weight:normal}
 """
 
 
-def _train_ids_note(metrics: dict[str, Any], run: Path) -> list[str]:
+def _train_ids_note(metrics: dict[str, Any], run: Run) -> list[str]:
     """A warning paragraph when evaluated images are in the run's training split."""
     n = metrics.get("n_train_ids")
     if not n:
         return []
     return [
         f"<p class='warn'>{n:,} of the {metrics['n_images']:,} images (n_train_ids) have the "
-        f"ids of the run's training images (<code>{html.escape(str(run / 'split.csv'))}</code>)"
+        f"ids of the run's training images (<code>{html.escape(str(run.split_path))}</code>)"
         ": if they are the same images, their metrics are optimistic. Evaluate with "
         "<code>--split val</code> for the validation images only.</p>"
     ]
@@ -469,7 +452,7 @@ def write_report(
     path: Path,
     metrics: dict[str, Any],
     *,
-    run: Path,
+    run: Run,
     thresholds_path: Path | None,
     confusion_png: Path,
     curves_png: Path | None,
@@ -481,7 +464,7 @@ def write_report(
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>ptxseg evaluation: {e(run.name)}</title>",
+        f"<title>ptxseg evaluation: {e(run.path.name)}</title>",
         f"<style>{CSS}</style></head><body>",
         f"<h1>ptxseg evaluation of <code>{e(str(run))}</code></h1>",
         "<p>"
@@ -516,7 +499,7 @@ def write_report(
         parts.append(_img(_data_uri_png(curves_png), "training curves"))
     else:
         parts.append(
-            f"<p class='muted'>No training curves (no usable {e(str(run / 'metrics.csv'))}).</p>"
+            f"<p class='muted'>No training curves (no usable {e(str(run.metrics_path))}).</p>"
         )
 
     parts.append("<h2>Post-processing</h2>")
@@ -526,7 +509,7 @@ def write_report(
     thr_obj: dict[str, Any] = {}
     if metrics.get("thresholds_source") == "default":
         parts.append(
-            f"<p class='warn'>Default rule: {e(str(run / 'thresholds.json'))} not found (the run "
+            f"<p class='warn'>Default rule: {e(str(run.thresholds_path))} not found (the run "
             "was not tuned), so thresholds_source is <code>default</code>: probs &gt; 0.5, no "
             f"component removal. Run <code>ptxseg tune {e(str(run))}</code> to choose them.</p>"
         )

@@ -30,13 +30,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
 
+from ptxseg.choices import Choice
 from ptxseg.metrics import dice_scores, iou_scores
-from ptxseg.postprocess import CONNECTIVITY, MODES, PostParams, save_params
+from ptxseg.postprocess import CONNECTIVITY, Mode, PostParams, save_params
 
 #: below the paper's lowest grid value (0.05), where its optimum sat, and up to 0.95
 THRESHOLDS: tuple[float, ...] = (0.01, 0.02, 0.03, 0.04) + tuple(
@@ -46,9 +47,16 @@ THRESHOLDS: tuple[float, ...] = (0.01, 0.02, 0.03, 0.04) + tuple(
 #: model's input by :func:`areas_for`)
 AREAS: tuple[int, ...] = (0, 256, 512, 1024, 2048, 4096)
 AREA_REFERENCE_SIZE = 512
-OBJECTIVES = ("iou", "kaggle")
 #: below this pooled IoU on the validation split the chosen rule is not meaningful
 NEAR_ZERO = 0.05
+
+
+class Objective(Choice):
+    """What the search maximises (``--objective``): ``iou``, the pooled-pixel IoU of the
+    paper; ``kaggle``, the SIIM-ACR mean per-image Dice (empty on empty = 1)."""
+
+    IOU = "iou"
+    KAGGLE = "kaggle"
 
 
 def areas_for(size: int) -> tuple[int, ...]:
@@ -167,11 +175,9 @@ def _objective(tp: np.ndarray, pred: np.ndarray, true_area: np.ndarray, objectiv
     """Score every grid point; image axis first. ``true_area`` broadcasts against ``tp``."""
     fp = pred - tp
     fn = true_area - tp
-    if objective == "iou":  # pooled over all pixels of all images (the paper's)
+    if objective == Objective.IOU:  # pooled over all pixels of all images (the paper's)
         return iou_scores(tp.sum(0), fp.sum(0), fn.sum(0), empty=0.0)
-    if objective == "kaggle":  # SIIM-ACR: mean per-image Dice, empty/empty = 1
-        return dice_scores(tp, fp, fn).mean(0)
-    raise ValueError(f"objective: unknown '{objective}' (valid: {', '.join(OBJECTIVES)})")
+    return dice_scores(tp, fp, fn).mean(0)  # kaggle: mean per-image Dice, empty/empty = 1
 
 
 def search(
@@ -185,8 +191,7 @@ def search(
     """
     if len(stats) == 0:
         raise ValueError("no images to tune on")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: unknown '{objective}' (valid: {', '.join(OBJECTIVES)})")
+    objective, mode = Objective.parse(objective, "--objective"), Mode.parse(mode, "--mode")
     pred, tp, true_area = stats.arrays()
     th = stats.thresholds
     if mode == "pixel":
@@ -204,8 +209,6 @@ def search(
             params, objective, float(scores[i, j]), ["binary_threshold", "removal_area", "score"],
             rows,
         )
-    if mode != "triplet":
-        raise ValueError(f"mode: unknown '{mode}' (valid: {', '.join(MODES)})")
     if 0 not in stats.areas:
         raise ValueError("the triplet search needs area 0 in the grid (counts above thresholds)")
     a0 = stats.areas.index(0)
@@ -288,26 +291,28 @@ def tune_run(
     data: str | Path | None = None,
     *,
     layout: str = "auto",
-    objective: Literal["iou", "kaggle"] = "iou",
-    mode: Literal["pixel", "triplet"] = "pixel",
+    objective: str | Objective = Objective.IOU,
+    mode: str | Mode = Mode.PIXEL,
     batch_size: int | None = None,
     tta: str = "none",
     progress: bool = False,
     rle: str | Path | None = None,
+    backend: str = "torch",
+    device: str = "auto",
 ) -> tuple[Path, TuneResult]:
-    """Predict the run's validation split once and write ``RUN/thresholds.json``.
+    """Predict the run's validation split once and write the run's thresholds file.
 
-    The removal areas searched are :func:`areas_for` the run's input size (recorded in
+    The removal areas searched are :func:`areas_for` the model's input size (recorded in
     ``thresholds.json`` as ``area_grid``).
 
     Args:
-        run: a run folder (``config.yaml``, ``best.ckpt``, ``split.csv``).
+        run: a run folder (its checkpoint or, with ``backend="onnx"``, its export; its split).
         data: the dataset the run was trained on; default: the one the run recorded.
         layout: dataset layout (``auto`` detects it).
         objective: ``iou`` (pooled, the paper's) or ``kaggle`` (mean per-image Dice).
         mode: ``pixel`` (threshold + removal area) or ``triplet``.
-        batch_size: prediction batch size (default: the run's training batch size).
-        tta: ``none`` or ``hflip``; recorded in thresholds.json.
+        tta: recorded in thresholds.json; with batch_size, backend and device: how the model
+            runs (:class:`ptxseg.predictor.Predictor`).
         progress: show a progress bar.
         rle: the run-length CSV of a siim folder (``--rle``; default: the run's recorded one).
 
@@ -318,34 +323,25 @@ def tune_run(
         UserWarning: see :func:`tune_warnings` (also written to ``thresholds.json``).
     """
     from ptxseg.errors import PtxsegError
-    from ptxseg.evaluate import iter_predictions, open_run, run_split_records
-    from ptxseg.inference import check_tta
+    from ptxseg.evaluate import iter_predictions
+    from ptxseg.predictor import Predictor
+    from ptxseg.run import Run, Split
 
-    if objective not in OBJECTIVES:
-        raise PtxsegError(f"--objective: unknown '{objective}' (valid: {', '.join(OBJECTIVES)})")
-    if mode not in MODES:
-        raise PtxsegError(f"--mode: unknown '{mode}' (valid: {', '.join(MODES)})")
-    check_tta(tta)
-    run = Path(run)
-    model, cfg = open_run(run)
-    records, data_root, used_layout = run_split_records(run, data, layout, split="val", rle=rle)
-    size = cfg.data.size
+    objective, mode = Objective.parse(objective, "--objective"), Mode.parse(mode, "--mode")
+    run = Run.open(run)
+    predictor = Predictor.from_run(
+        run, backend=backend, device=device, tta=tta, batch_size=batch_size
+    )
+    records, data_root, used_layout = run.records(data, layout, Split.VAL, rle)
+    size = predictor.size
     stats = GridStats(areas=areas_for(size))
-    for pred in iter_predictions(
-        model,
-        records,
-        size,
-        at="model",
-        batch_size=batch_size or cfg.train.batch_size,
-        workers=cfg.data.workers,
-        tta=tta,
-        progress="Predicting validation split" if progress else None,
-    ):
+    progress_text = "Predicting validation split" if progress else None
+    for pred in iter_predictions(predictor, records, at="model", progress=progress_text):
         stats.add(pred.probs, pred.gt)
     n_positive = int(sum(1 for a in stats.true_area if a > 0))
-    if objective == "iou" and n_positive == 0:
+    if objective is Objective.IOU and n_positive == 0:
         raise PtxsegError(
-            f"{run / 'split.csv'}: the {len(stats)} validation images have no pneumothorax, so "
+            f"{run.split_path}: the {len(stats)} validation images have no pneumothorax, so "
             "pooled IoU is undefined for every threshold; use --objective kaggle"
         )
     result = search(stats, mode=mode, objective=objective, size=size)
@@ -357,7 +353,7 @@ def tune_run(
         "n_positive": n_positive,
         "data": str(data_root),
         "layout": used_layout,
-        "tta": tta,
+        "tta": predictor.tta,
         "warnings": notes,
         "area_grid": {
             "areas": list(stats.areas),
@@ -367,8 +363,7 @@ def tune_run(
         },
         "grid": {"columns": result.columns, "rows": result.rows},
     }
-    out = run / "thresholds.json"
-    save_params(result.params, out, extra=extra)
+    save_params(result.params, run.thresholds_path, extra=extra)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
-    return out, result
+    return run.thresholds_path, result

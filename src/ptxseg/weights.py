@@ -340,7 +340,7 @@ def load_encoder_file(encoder: nn.Module, path: str | Path, *, name: str = "") -
     target = encoder.state_dict()
     where = f"model.encoder_weights: {path}" + (f" (encoder {name})" if name else "")
     mapping, skipped, method = match_tensors(source, target, where)
-    from ptxseg.model import file_sha256  # lazily: ptxseg.model imports this module lazily too
+    from ptxseg.fileio import sha256_file
 
     state = dict(target)
     for t, s in {**mapping, **_counters(mapping, source, target)}.items():
@@ -350,7 +350,7 @@ def load_encoder_file(encoder: nn.Module, path: str | Path, *, name: str = "") -
     total = sum(1 for k in source if not k.endswith(_COUNTER))
     return WeightsReport(
         file=str(path),
-        sha256=file_sha256(path),
+        sha256=sha256_file(path),
         encoder=name or type(encoder).__name__,
         method=method,
         loaded=len(mapping),

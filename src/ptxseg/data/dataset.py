@@ -1,20 +1,27 @@
-"""The training/validation ``Dataset`` over :class:`~ptxseg.data.records.Record`.
+"""The datasets DataLoader workers read: training/validation pairs over
+:class:`~ptxseg.data.records.Record` (:class:`SegDataset`) and the images of a prediction
+(:class:`ImageDataset`).
 
-Each item is decoded when it is asked for (never the whole dataset in memory), resized to the
-model size, then augmented (training) in the DataLoader worker. Items are uint8 tensors: the
-model normalises on the device, so the loader moves 1 byte per pixel.
+Each training item is decoded when it is asked for (never the whole dataset in memory),
+resized to the model size, then augmented (training) in the DataLoader worker. Items are uint8
+tensors: the model normalises on the device, so the loader moves 1 byte per pixel.
 
 Resizing comes before augmentation: the paper's augmentations are applied at model resolution
 (4-6x cheaper than at 1024 px, and the elastic transform's ``sigma=6`` is in pixels of the
-model input). Images are resized with :func:`ptxseg.inference.resize_to` (area when
-shrinking); masks with :func:`resize_mask`, the same interpolation on 0/255 then a threshold
-at half, so that mask and image stay aligned to the sub-pixel.
+model input). Images and masks are resized by :mod:`ptxseg.data.resize`, aligned to the
+sub-pixel.
+
+A prediction item is one image file at model size plus what is needed to bring the prediction
+back (its native size, optionally the image itself); a file that cannot be read becomes an
+item with ``error`` set (and a blank input), never an exception that stops the run.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -22,8 +29,8 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from ptxseg.data.records import Record, require_ground_truth
+from ptxseg.data.resize import resize_mask, resize_to
 from ptxseg.errors import DataError, PtxsegError
-from ptxseg.inference import resize_to
 
 
 class ItemError(DataError):
@@ -39,37 +46,25 @@ class ItemError(DataError):
         super().__init__(None, message)
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Resize a {0, 1} mask to (size, size), aligned with :func:`resize_to` of its image.
-
-    Shape:
-        - mask: ``(H, W)`` uint8 in {0, 1}
-        - returns ``(size, size)`` uint8 in {0, 1}
-    """
-    if mask.shape[:2] == (size, size):
-        return mask
-    up = (mask > 0).astype(np.uint8) * 255
-    return (resize_to(up, size) >= 128).astype(np.uint8)
-
-
 class SegDataset(Dataset):
     """Images and masks of ``records`` at ``size`` x ``size``, optionally augmented.
 
     Args:
         records: records with a ground-truth mask.
         size: output side in pixels.
-        transform: an albumentations pipeline from :mod:`ptxseg.augment` (``None``: resize
-            only). Reseeded in each DataLoader worker by :func:`worker_init`.
+        augment: ``augment(image, mask) -> (image, mask)`` with a ``reseed(seed)`` method
+            (:class:`ptxseg.augment.Augmenter`; ``None``: resize only). Reseeded in each
+            DataLoader worker by :func:`worker_init`.
 
     Shape:
         - item: ``(image, mask)``, both ``(1, size, size)`` uint8; mask in {0, 1}
     """
 
-    def __init__(self, records: Sequence[Record], size: int, transform=None):
+    def __init__(self, records: Sequence[Record], size: int, augment=None):
         require_ground_truth(records, None, "training needs a mask for every image")
         self.records = list(records)
         self.size = size
-        self.transform = transform
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.records)
@@ -86,18 +81,14 @@ class SegDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(index)
-        if self.transform is not None:
-            from ptxseg.augment import apply
-
-            image, mask = apply(self.transform, image, mask)
+        if self.augment is not None:
+            image, mask = self.augment(image, mask)
         return _tensor(image), _tensor(mask)
 
     def reseed(self, seed: int) -> None:
         """Reseed the augmentation's generator (each worker, each epoch)."""
-        if self.transform is not None:
-            from ptxseg.augment import seed_transform
-
-            seed_transform(self.transform, seed)
+        if self.augment is not None:
+            self.augment.reseed(seed)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -120,3 +111,56 @@ def worker_init(worker_id: int) -> None:
     dataset = info.dataset if info is not None else None
     if isinstance(dataset, SegDataset):
         dataset.reseed(seed)
+
+
+@dataclass
+class Item:
+    """One input of a prediction; ``error`` is set when the file could not be read."""
+
+    index: int
+    id: str
+    path: str
+    height: int = 0
+    width: int = 0
+    error: str | None = None
+    image: np.ndarray | None = None  # the native (H, W) uint8 image, with ``keep_image``
+
+
+class ImageDataset(Dataset):
+    """The images of ``entries`` (``(id, path)`` pairs) at ``size`` x ``size``.
+
+    Shape:
+        - item: ``(Item, image)``, image ``(1, size, size)`` uint8 (zeros for an unreadable
+          file, whose ``Item.error`` says why)
+    """
+
+    def __init__(self, entries: Sequence[tuple[str, Path]], size: int, keep_image: bool = False):
+        self.entries = list(entries)
+        self.size = size
+        self.keep_image = keep_image
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> tuple[Item, torch.Tensor]:
+        from ptxseg.data.imageio import read_image
+
+        ident, path = self.entries[i]
+        item = Item(index=i, id=ident, path=str(path))
+        try:
+            img = read_image(path)
+        except PtxsegError as exc:
+            item.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not stop a run
+            item.error = f"{path}: not a readable image ({type(exc).__name__}: {exc})"
+        if item.error is not None:
+            return item, torch.zeros((1, self.size, self.size), dtype=torch.uint8)
+        item.height, item.width = img.shape[:2]
+        if self.keep_image:
+            item.image = img
+        return item, _tensor(resize_to(img, self.size))
+
+
+def collate_items(batch: Sequence[tuple[Item, torch.Tensor]]) -> tuple[list[Item], torch.Tensor]:
+    """DataLoader ``collate_fn`` of :class:`ImageDataset`: the items and one uint8 batch."""
+    return [b[0] for b in batch], torch.stack([b[1] for b in batch])

@@ -3,17 +3,17 @@ starve a fast GPU.
 
 Any layout in (png, siim DICOM + RLE, ptx498, csv), png layout out: ``png_images/ID.png``
 (uint8 gray, ``size`` x ``size``) and ``png_masks/ID.png`` (0/255). Images are resized like
-at training time (:func:`ptxseg.inference.resize_to`), masks with
-:func:`ptxseg.data.dataset.resize_mask` (aligned with their image). Training on the copy gives
+at training time (:func:`ptxseg.data.resize.resize_to`), masks with
+:func:`ptxseg.data.resize.resize_mask` (aligned with their image). Training on the copy gives
 the same model inputs as training on the original, minus the decoding cost.
 
 Ids stay stable: the copy holds ``manifest.csv`` (columns ``id,image,mask,patient_id``) with
 each record's ORIGINAL id (and its patient id, where the input has one), and ``--layout auto``
 reads a folder with ``png_images/`` + ``manifest.csv`` through that manifest, so a run trained
 on the copy has the same ids in its ``split.csv`` as the original dataset (``evaluate --split
-val`` works on either). File names are the ids themselves whenever they are safe as file names
-on Linux, macOS and Windows (:func:`safe_name`: every real SIIM name such as ``0_train_0_`` and
-every SOPInstanceUID is); only unsafe characters are replaced, and the manifest maps them back.
+val`` works on either). File names are the ids made file-safe by the one rule of
+:func:`ptxseg.data.ids.safe_id` (every real SIIM name such as ``0_train_0_`` and every
+SOPInstanceUID is its own safe id); the manifest maps them back.
 
 The copy is built in a hidden sibling folder and renamed to ``out`` at the end, so an
 interrupted run leaves no half dataset.
@@ -22,7 +22,6 @@ interrupted run leaves no half dataset.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,40 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ptxseg.data.dataset import resize_mask
+from ptxseg.data.ids import safe_id
+from ptxseg.data.imageio import load_pair
 from ptxseg.data.records import Record, require_ground_truth
+from ptxseg.data.resize import resize_mask, resize_to
 from ptxseg.errors import DataError
 from ptxseg.fileio import write_csv, write_png
-from ptxseg.inference import resize_to
 from ptxseg.progress import progress_bar
-
-# path separators, characters Windows refuses, control characters, and lone surrogates (a
-# non-UTF-8 byte in a file name) that no UTF-8 CSV can hold
-_UNSAFE = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f\ud800-\udfff]+')
-_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
-             *(f"LPT{i}" for i in range(1, 10))}
-
-
-def safe_name(ident: str) -> str:
-    """A record id as a portable file stem: the id itself when it is safe; else path
-    separators, ``:*?"<>|``, control characters and undecodable bytes become ``_``, a leading
-    dot (a hidden file) and trailing dots/spaces (dropped by Windows) are replaced, and Windows
-    device names (``CON``, ``nul.x``...) get a ``_`` after the name. Non-ASCII letters are kept."""
-    name = _UNSAFE.sub("_", ident)
-    if name.startswith("."):
-        name = "_" + name[1:]
-    stripped = name.rstrip(". ")
-    if stripped != name:
-        name = stripped + "_" * (len(name) - len(stripped))
-    base, dot, rest = name.partition(".")
-    if base.upper() in _RESERVED:  # Windows reserves NUL and NUL.anything
-        name = f"{base}_{dot}{rest}"
-    return name or "image"
 
 
 def _prepare_one(rec: Record, name: str, tmp: Path, size: int) -> None:
-    from ptxseg.data.imageio import load_pair
-
     image, mask = load_pair(rec)  # mask: require_ground_truth ran before
     write_png(tmp / "png_images" / f"{name}.png", resize_to(image, size))
     write_png(tmp / "png_masks" / f"{name}.png", resize_mask(mask, size) * np.uint8(255))
@@ -115,7 +90,7 @@ def prepare(
             raise DataError(
                 rec.image, "the id is not valid UTF-8 (rename the file to keep its id)"
             ) from None
-    names = [safe_name(r.id) for r in records]
+    names = [safe_id(r.id) for r in records]
     seen: dict[str, str] = {}
     for rec, name in zip(records, names, strict=True):
         if name.lower() in seen:

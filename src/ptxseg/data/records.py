@@ -1,4 +1,5 @@
-"""The one type that crosses from the dataset layouts to the rest of the pipeline."""
+"""The one type that crosses from the dataset layouts to the rest of the pipeline
+(:class:`Record`), and what a layout reports about files it cannot use (:class:`Problem`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptxseg.errors import DataError
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset, naming the file."""
+
+    path: str
+    problem: str
+    kind: str = "error"  # short category for inspect: unreadable, missing-mask, ...
+    fatal: bool = True  # False: reported by inspect, but load_records still succeeds
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
 
 
 @dataclass(frozen=True)

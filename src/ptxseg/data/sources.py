@@ -8,22 +8,16 @@ Layouts (``layout=`` / ``--layout``):
     PNG re-packaging.
 ``siim``
     The SIIM-ACR challenge layout: ``.dcm`` files at any depth + one run-length CSV
-    (``stage_2_train.csv`` preferred, then ``train-rle.csv``, else the only ``*.csv`` with the
-    columns ``ImageId,EncodedPixels`` or ``fname,mask``; leading spaces and a UTF-8 BOM are
-    fine). When a folder holds several such CSVs, pick one with ``rle=`` (``--rle FILE``, config
-    ``data.rle``; a relative path is taken from the dataset folder); an ``rle`` with layout
-    ``auto`` means ``siim``. Record id = the DICOM SOPInstanceUID (the CSV's ImageId); patient
-    id = PatientID. ``-1`` means no lesion; several rows for one image are OR-ed. An image
-    absent from the CSV has no ground truth (mask ``None``). Each run-length row keeps its CSV
-    line number, so a row that cannot be decoded is named by file, line and ImageId.
+    (:mod:`ptxseg.data.siim`); an ``rle`` (``--rle FILE``, config ``data.rle``) with layout
+    ``auto`` means ``siim``. Record id = the DICOM SOPInstanceUID.
 ``ptx498``
     The PTX-498 release: ``Site*/{n}.1.img.png`` + ``{n}.2.mask.png`` (``.3.merge.png``
     overlays and ``.nii.gz`` copies are ignored). Record id = ``{site}_{n}`` (filename-safe).
 ``csv``
     A manifest CSV with columns ``image,mask`` (paths relative to the CSV; an empty mask cell =
-    no ground truth) and optional ``id`` (default: the image stem; no slashes, since ids name
-    output files) and ``patient_id``. ``root`` may be the CSV itself or a folder holding
-    exactly one such CSV.
+    no ground truth) and optional ``id`` (default: the image stem; not a path:
+    :func:`ptxseg.data.ids.is_path_like`) and ``patient_id``. ``root`` may be the CSV itself or
+    a folder holding exactly one such CSV.
 
     Paths outside the manifest's folder are allowed: a relative cell is joined to the CSV's
     folder as written (``..`` included) and an absolute cell is used as is, so a manifest can
@@ -46,40 +40,34 @@ is an error, and so are duplicate ids. ``scan`` returns every problem instead of
 
 from __future__ import annotations
 
-import csv
-import io
 import re
-from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ptxseg.data.imageio import IMAGE_SUFFIXES, dicom_meta, read_mask_raw
-from ptxseg.data.records import Record, RleMask
-from ptxseg.data.rle import is_empty
+from ptxseg.choices import Choice
+from ptxseg.data.ids import is_path_like
+from ptxseg.data.imageio import DICOM_SUFFIXES, IMAGE_SUFFIXES, read_mask_raw
+from ptxseg.data.records import Problem, Record
+from ptxseg.data.siim import scan_siim
 from ptxseg.errors import DataError, printable
-from ptxseg.fileio import irregular_problem, not_regular, open_regular, read_text
+from ptxseg.fileio import csv_header, irregular_problem, not_regular, read_csv_lines
 
-LAYOUTS = ("png", "siim", "ptx498", "csv")
-RASTER_SUFFIXES = IMAGE_SUFFIXES - {".dcm", ".dicom"}
-RLE_COLUMNS = (("imageid", "encodedpixels"), ("fname", "mask"))
-PREFERRED_RLE = ("stage_2_train.csv", "train-rle.csv")
+
+class Layout(Choice):
+    """A dataset layout (``--layout``, ``data.layout``); ``auto`` detects it."""
+
+    AUTO = "auto"
+    PNG = "png"
+    SIIM = "siim"
+    PTX498 = "ptx498"
+    CSV = "csv"
+
+
+RASTER_SUFFIXES = IMAGE_SUFFIXES - DICOM_SUFFIXES
 _PTX_IMG = re.compile(r"^(\d+)\.1\.img\.png$", re.IGNORECASE)
 _PTX_MASK = re.compile(r"^(\d+)\.2\.mask\.png$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a dataset, naming the file."""
-
-    path: str
-    problem: str
-    kind: str = "error"  # short category for inspect: unreadable, missing-mask, ...
-    fatal: bool = True  # False: reported by inspect, but load_records still succeeds
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.problem}"
 
 
 @dataclass
@@ -87,73 +75,9 @@ class Scan:
     """What :func:`scan` found: the records, the layout used and every problem."""
 
     records: list[Record]
-    layout: str
+    layout: Layout
     detected: bool
     problems: list[Problem] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- CSV helpers
-
-
-def _norm(name: str) -> str:
-    return name.strip().lstrip("\ufeff").strip().lower()
-
-
-def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Read a CSV (BOM and CRLF tolerated) -> (normalised column names, rows keyed by them).
-
-    Column names are stripped and lower-cased; cell values are stripped; blank lines skipped.
-    """
-    header, rows, _lines = read_csv_lines(path)
-    return header, rows
-
-
-def read_csv_lines(path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
-    """:func:`read_csv_rows` plus the line of the file each row starts on (1 = the header's
-    line; blank lines and quoted newlines counted as in a text editor)."""
-    text = read_text(path, "CSV", encoding="utf-8-sig")
-    rows, lines = [], []
-    try:
-        reader = csv.reader(io.StringIO(text))
-        end = 0  # the line the previous row ended on
-        for r in reader:
-            start, end = end + 1, reader.line_num
-            if any(c.strip() for c in r):
-                rows.append(r)
-                lines.append(start)
-    except csv.Error as exc:
-        raise DataError(path, f"malformed CSV ({exc})") from None
-    if not rows:
-        raise DataError(path, "CSV is empty (no header)")
-    header = [_norm(c) for c in rows[0]]
-    out = []
-    for r, line in zip(rows[1:], lines[1:], strict=True):
-        if len(r) > len(header):
-            raise DataError(
-                path, f"line {line} has {len(r)} cells but the header has {len(header)}"
-            )
-        out.append({k: (r[j].strip() if j < len(r) else "") for j, k in enumerate(header)})
-    return header, out, lines[1:]
-
-
-def _rle_columns(header: list[str]) -> tuple[str, str] | None:
-    for cols in RLE_COLUMNS:
-        if all(c in header for c in cols):
-            return cols
-    return None
-
-
-def _is_manifest(header: list[str]) -> bool:
-    return "image" in header and "mask" in header
-
-
-def _csv_header(path: Path) -> list[str]:
-    try:
-        with io.TextIOWrapper(open_regular(path), encoding="utf-8-sig", newline="") as fh:
-            first = next(csv.reader(fh), [])
-    except (OSError, UnicodeDecodeError, csv.Error, DataError):
-        return []
-    return [_norm(c) for c in first]
 
 
 # ----------------------------------------------------------------------------- labels
@@ -281,147 +205,21 @@ def _scan_ptx498(root: Path, problems: list[Problem]) -> list[Record]:
     return records
 
 
-def find_rle_csv(root: Path, rle: str | Path | None = None) -> Path:
-    """The run-length CSV of a siim folder (see the module doc for the rules).
-
-    Args:
-        root: the dataset folder.
-        rle: the CSV to use (``--rle FILE`` / ``data.rle``); relative paths are taken from
-            ``root``. Without it the folder is searched.
-
-    Raises:
-        DataError: ``rle`` missing or without run-length columns; no CSV found; several found
-            and none preferred (the message names ``--rle``).
-    """
-    if rle is not None:
-        path = Path(rle)
-        if not path.is_absolute():
-            path = root / path
-        if not path.is_file():
-            raise DataError(path, "run-length CSV not found (--rle / data.rle)")
-        header = _csv_header(path)
-        if not _rle_columns(header):
-            raise DataError(
-                path,
-                "not a run-length CSV (--rle / data.rle): expected columns "
-                f"ImageId,EncodedPixels or fname,mask, found {','.join(header) or 'none'}",
-            )
-        return path
-    found = []
-    for p in sorted(root.rglob("*.csv")):
-        if _rle_columns(_csv_header(p)):
-            found.append(p)
-    if not found:
-        raise DataError(
-            root,
-            "no run-length CSV found (a *.csv with columns ImageId,EncodedPixels or fname,mask)",
-        )
-    for name in PREFERRED_RLE:
-        named = [p for p in found if p.name.lower() == name]
-        if len(named) == 1:
-            return named[0]
-    if len(found) > 1:
-        listed = ", ".join(str(p.relative_to(root)) for p in found)
-        raise DataError(
-            root,
-            f"several run-length CSVs found ({listed}); choose one with --rle FILE "
-            "(config key data.rle)",
-        )
-    return found[0]
-
-
-def read_rle_csv(path: Path) -> dict[str, list[str]]:
-    """ImageId -> its run-length rows (``-1`` rows dropped; an id with only ``-1`` -> [])."""
-    return {k: [rle for rle, _line in v] for k, v in read_rle_rows(path).items()}
-
-
-def read_rle_rows(path: Path) -> dict[str, list[tuple[str, int]]]:
-    """ImageId -> its run-length rows with their CSV line numbers (``-1`` rows dropped)."""
-    header, rows, lines = read_csv_lines(path)
-    cols = _rle_columns(header)
-    if cols is None:
-        raise DataError(
-            path,
-            f"expected columns ImageId,EncodedPixels (or fname,mask), found {','.join(header)}",
-        )
-    id_col, rle_col = cols
-    out: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    for row, line in zip(rows, lines, strict=True):
-        ident = row[id_col]
-        if not ident:
-            raise DataError(path, f"line {line}: empty {id_col}")
-        rows_for_id = out[ident]
-        if not is_empty(row[rle_col]):
-            rows_for_id.append((row[rle_col], line))
-    return dict(out)
-
-
-def rle_csv_used(root: str | Path, layout: str, rle: str | Path | None = None) -> Path | None:
-    """The run-length CSV that ``load_records(root, layout, rle=rle)`` reads (``None`` unless
-    the layout is siim): what a run records in ``data.json`` so tune/evaluate find it again."""
-    root = Path(root)
-    if layout != "siim":
-        return None
-    return find_rle_csv(root, rle).resolve()
-
-
-def _scan_siim(
-    root: Path, problems: list[Problem], rle: str | Path | None = None
-) -> list[Record]:
-    dicoms = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".dcm", ".dicom"))
-    if not dicoms:
-        raise DataError(root, "siim layout needs .dcm files (none found)")
-    csv_path = find_rle_csv(root, rle)
-    rles = read_rle_rows(csv_path)
-
-    def meta(p: Path):
-        try:
-            return dicom_meta(p), None
-        except DataError as exc:
-            return None, Problem(str(p), exc.problem, "unreadable")
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        metas = list(pool.map(meta, dicoms))
-    records, seen = [], set()
-    for path, (info, problem) in zip(dicoms, metas, strict=True):
-        if problem is not None:
-            problems.append(problem)
-            continue
-        uid = info["SOPInstanceUID"] or printable(path.stem)
-        key = uid if uid in rles else (path.stem if path.stem in rles else None)
-        if key is None:
-            mask, label = None, None
-        else:
-            seen.add(key)
-            mask = RleMask(
-                tuple(r for r, _ in rles[key]),
-                source=str(csv_path),
-                lines=tuple(line for _, line in rles[key]),
-                image_id=key,
-            )
-            label = bool(rles[key])
-        records.append(Record(uid, path, mask, label, info["PatientID"]))
-    for ident in sorted(set(rles) - seen):
-        problems.append(
-            Problem(
-                str(csv_path),
-                f"run-length rows for '{ident}' but no DICOM",
-                "missing-image",
-                fatal=False,
-            )
-        )
-    return records
+def _is_manifest(header: list[str]) -> bool:
+    return "image" in header and "mask" in header
 
 
 def find_manifest(root: Path) -> Path:
+    """The manifest CSV of a csv-layout dataset: ``root`` itself, a prepared copy's
+    ``manifest.csv``, or the one CSV of ``root`` with the columns ``image,mask``."""
     if root.is_file():
         return root
     prepared = root / "manifest.csv"  # a `ptxseg prepare` copy (png_images/ + manifest.csv)
     if (root / "png_images").is_dir() and prepared.is_file() and _is_manifest(
-        _csv_header(prepared)
+        csv_header(prepared)
     ):
         return prepared
-    found = [p for p in sorted(root.glob("*.csv")) if _is_manifest(_csv_header(p))]
+    found = [p for p in sorted(root.glob("*.csv")) if _is_manifest(csv_header(p))]
     if len(found) != 1:
         what = "no" if not found else "several"
         raise DataError(root, f"{what} manifest CSV with columns image,mask found")
@@ -450,7 +248,7 @@ def _scan_csv(root: Path, problems: list[Problem]) -> list[Record]:
                 problems.append(Problem(str(file), f"{problem} (line {i} of {path})",
                                         "irregular" if irregular else "missing"))
         ident = row.get("id") or img.stem
-        if "/" in ident or "\\" in ident or ident in (".", ".."):
+        if is_path_like(ident):
             problems.append(
                 Problem(str(path), f"line {i}: id '{ident}' is not filename-safe", "bad-id")
             )
@@ -458,33 +256,33 @@ def _scan_csv(root: Path, problems: list[Problem]) -> list[Record]:
     return records
 
 
-_SCANNERS = {"png": _scan_png, "siim": _scan_siim, "ptx498": _scan_ptx498, "csv": _scan_csv}
+_SCANNERS = {Layout.PNG: _scan_png, Layout.PTX498: _scan_ptx498, Layout.CSV: _scan_csv}
 
 
 # ----------------------------------------------------------------------------- detection
 
 
-def detect_layout(root: str | Path) -> str:
+def detect_layout(root: str | Path) -> Layout:
     """Which layout a folder (or manifest CSV) is; DataError when none fits."""
     root = Path(root)
     if not root.exists():
         raise DataError(root, "dataset not found")
     if root.is_file():
         if root.suffix.lower() == ".csv":
-            return "csv"
+            return Layout.CSV
         raise DataError(root, "a dataset must be a folder or a manifest CSV")
     if (root / "png_images").is_dir():
-        if (root / "manifest.csv").is_file() and _is_manifest(_csv_header(root / "manifest.csv")):
-            return "csv"  # a `ptxseg prepare` copy: its manifest keeps the original ids
-        return "png"
+        if (root / "manifest.csv").is_file() and _is_manifest(csv_header(root / "manifest.csv")):
+            return Layout.CSV  # a `ptxseg prepare` copy: its manifest keeps the original ids
+        return Layout.PNG
     for site in root.iterdir():
         if site.is_dir() and site.name.lower().startswith("site"):
             if any(_PTX_IMG.match(p.name) for p in site.iterdir()):
-                return "ptx498"
-    if next((p for p in root.rglob("*") if p.suffix.lower() in (".dcm", ".dicom")), None):
-        return "siim"
-    if any(_is_manifest(_csv_header(p)) for p in root.glob("*.csv")):
-        return "csv"
+                return Layout.PTX498
+    if next((p for p in root.rglob("*") if p.suffix.lower() in DICOM_SUFFIXES), None):
+        return Layout.SIIM
+    if any(_is_manifest(csv_header(p)) for p in root.glob("*.csv")):
+        return Layout.CSV
     if not any(root.iterdir()):
         raise DataError(root, "dataset folder is empty")
     raise DataError(
@@ -496,7 +294,7 @@ def detect_layout(root: str | Path) -> str:
 
 def scan(
     root: str | Path,
-    layout: str = "auto",
+    layout: str | Layout = Layout.AUTO,
     *,
     labels: bool = True,
     rle: str | Path | None = None,
@@ -505,7 +303,7 @@ def scan(
 
     Args:
         root: dataset folder (or manifest CSV).
-        layout: ``auto`` or one of ``png, siim, ptx498, csv``.
+        layout: a :class:`Layout` (``auto`` detects it).
         labels: read the mask files to fill ``has_pneumothorax`` (png, ptx498, csv).
         rle: the run-length CSV of a siim folder (``--rle``); implies ``siim`` for ``auto``.
 
@@ -513,8 +311,7 @@ def scan(
         DataError: missing/empty folder, undetectable layout, unusable CSV (nothing to list).
     """
     root = Path(root)
-    if layout not in ("auto", *LAYOUTS):
-        raise DataError(None, f"unknown layout '{layout}' (choose from auto, {', '.join(LAYOUTS)})")
+    layout = Layout.parse(layout, "--layout")
     if not root.exists():
         raise DataError(root, "dataset not found")
     if not (root.is_dir() or root.is_file()):  # a FIFO, /dev/stdin...: never read
@@ -522,15 +319,15 @@ def scan(
         raise DataError(root, f"a dataset must be a folder or a manifest CSV, not {kind}")
     if root.is_dir() and not any(root.iterdir()):
         raise DataError(root, "dataset folder is empty")
-    if rle is not None and layout not in ("auto", "siim"):
+    if rle is not None and layout not in (Layout.AUTO, Layout.SIIM):
         raise DataError(
             None, f"--rle / data.rle: a run-length CSV is for the siim layout, not '{layout}'"
         )
-    detected = layout == "auto" and rle is None
-    used = "siim" if rle is not None else detect_layout(root) if detected else layout
+    detected = layout is Layout.AUTO and rle is None
+    used = Layout.SIIM if rle is not None else detect_layout(root) if detected else layout
     problems: list[Problem] = []
-    if used == "siim":
-        records = _scan_siim(root, problems, rle)
+    if used is Layout.SIIM:
+        records = scan_siim(root, problems, rle)
     else:
         records = _SCANNERS[used](root, problems)
     records.sort(key=lambda r: r.id)
@@ -541,10 +338,10 @@ def scan(
 
 
 def load_records(
-    root: str | Path, layout: str = "auto", *, rle: str | Path | None = None
-) -> tuple[list[Record], str]:
+    root: str | Path, layout: str | Layout = Layout.AUTO, *, rle: str | Path | None = None
+) -> tuple[list[Record], Layout]:
     """Read a dataset into records sorted by id, plus the layout used (detected if ``auto``);
-    ``rle`` picks the run-length CSV of a siim folder (see :func:`find_rle_csv`).
+    ``rle`` picks the run-length CSV of a siim folder (:func:`ptxseg.data.siim.find_rle_csv`).
 
     Raises:
         DataError: for the first problem found (image without mask, mask without image,

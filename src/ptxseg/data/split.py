@@ -10,6 +10,7 @@ always give the same split, whatever order the records come in.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def read_split(path: str | Path) -> dict[str, str]:
     Raises:
         DataError: missing file, missing columns, an unknown split name, a duplicate id.
     """
-    from ptxseg.data.sources import read_csv_rows
+    from ptxseg.fileio import read_csv_rows
 
     path = Path(path)
     header, rows = read_csv_rows(path)
@@ -128,3 +129,39 @@ def read_split(path: str | Path) -> dict[str, str]:
             raise DataError(path, f"line {i}: duplicate id '{ident}'")
         out[ident] = split
     return out
+
+
+def partition(
+    records: list[Record], assignment: dict[str, str], split_path: Path | None, val_fraction: float
+) -> tuple[list[Record], list[Record]]:
+    """The (training, validation) records of ``assignment``; with ``split_path`` (a resumed
+    run's split) every id of the split must be in the dataset, and images it does not list
+    are ignored with a warning.
+
+    Raises:
+        DataError: split ids missing from the dataset; an empty side.
+    """
+    ids = {r.id for r in records}
+    if split_path is not None:
+        gone = sorted(i for i in assignment if i not in ids)
+        if gone:
+            raise DataError(
+                split_path,
+                f"{len(gone)} image(s) of the run's split are not in the dataset (e.g. "
+                f"'{gone[0]}'); resume with the dataset the run was started on",
+            )
+        extra = sum(1 for r in records if r.id not in assignment)
+        if extra:
+            warnings.warn(
+                f"{extra} image(s) not in {split_path} are ignored", UserWarning, stacklevel=2
+            )
+    train = [r for r in records if assignment.get(r.id) == "train"]
+    val = [r for r in records if assignment.get(r.id) == "val"]
+    if not train or not val:
+        side = "training" if not train else "validation"
+        raise DataError(
+            None,
+            f"the {side} split is empty ({len(records)} images, data.val_fraction="
+            f"{val_fraction}); a run needs images on both sides",
+        )
+    return train, val
