@@ -93,9 +93,8 @@ def build(variant: str, weights: Path | None) -> nn.Module:
 
 def radiographs(root: Path, size: int, n: int) -> tuple[torch.Tensor, np.ndarray]:
     """The images (N, 3, size, size) in [0, 1] and their labels (file names ``*_{0,1}_.png``)."""
-    from ptxseg.data.resize import resize_to
-
     from ptxseg.data.imageio import read_image
+    from ptxseg.data.resize import resize_to
 
     files = sorted((root / "png_images").glob("*.png"))[:n]
     arr = np.stack([resize_to(read_image(f), size) for f in files])
