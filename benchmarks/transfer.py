@@ -26,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import emit  # noqa: E402
 
+from ptxseg.run import Run  # noqa: E402
+
 RUNS = ("imagenet", "scratch")
 
 
@@ -69,7 +71,7 @@ def figures(work: Path, name: str) -> dict:
     from ptxseg.plots import read_metrics
 
     rundir = work / name
-    rows = read_metrics(rundir / "metrics.csv")
+    rows = read_metrics(Run(rundir).metrics_path)
     m = json.loads((rundir / "eval-val" / "metrics.json").read_text())
     best = max(rows, key=lambda r: r["val_iou"])
     rec = {
@@ -96,7 +98,7 @@ def figures(work: Path, name: str) -> dict:
         rec["tuned_val_pooled_iou"] = round(t["pooled"]["iou"], 4)
         rec["tuned_val_siim_per_image_dice"] = round(t["per_image"]["kaggle_dice"], 4)
         rec["tuned_val_dice_positive_mean"] = round(t["per_image"]["dice_positive_mean"], 4)
-    weights = rundir / "weights.json"
+    weights = Run(rundir).weights_path
     if weights.is_file():
         info = json.loads(weights.read_text())
         rec["weights_sha256"] = info["sha256"]
@@ -112,7 +114,7 @@ def plot(work: Path, out: Path) -> None:
 
     from ptxseg.plots import read_metrics
 
-    rows = {name: read_metrics(work / name / "metrics.csv") for name in RUNS}
+    rows = {name: read_metrics(Run(work / name).metrics_path) for name in RUNS}
     style = {"imagenet": ("tab:blue", "ImageNet weights (Lite0)"), "scratch": ("tab:orange",
              "from scratch")}  # fmt: skip
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
@@ -178,9 +180,9 @@ def main() -> None:
             if not args.skip_train:
                 run([*ptxseg, "train", "--data", str(args.data), "--out", str(rundir),
                      *settings(args, w)])  # fmt: skip
-            # 1) the training's own rule (p > 0.5, no removal): no thresholds.json (a re-run
+            # 1) the training's own rule (p > 0.5, no removal): no thresholds file (a re-run
             # with --skip-train removes the one step 2 wrote; step 2 writes it again)
-            (rundir / "thresholds.json").unlink(missing_ok=True)
+            Run(rundir).thresholds_path.unlink(missing_ok=True)
             run([*ptxseg, "evaluate", str(rundir), "--data", str(args.data), "--out",
                  str(rundir / "eval-val"), "--split", "val"])  # fmt: skip
             # 2) threshold + removal area tuned on the same validation split (optimistic, the
@@ -191,7 +193,7 @@ def main() -> None:
     for name in RUNS:
         if (args.work / name / "eval-val" / "metrics.json").is_file():
             emit(figures(args.work, name))
-    if all((args.work / n / "metrics.csv").is_file() for n in RUNS):
+    if all(Run(args.work / n).metrics_path.is_file() for n in RUNS):
         plot(args.work, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
 

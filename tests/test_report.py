@@ -311,7 +311,7 @@ def test_report_shows_intervals_image_matrix_and_sentence(tmp_path):
     thr.write_text(json.dumps({"binary_threshold": 0.45, "removal_area": 0, "objective": "iou",
                                "score": 0.123456, "n_images": 4}))
     write_confusion_matrix(tmp_path / "cm.png", m["pooled"])
-    write_report(tmp_path / "report.html", m, run=run, thresholds_path=thr,
+    write_report(tmp_path / "report.html", m, run=Run(run), thresholds_path=thr,
                  confusion_png=tmp_path / "cm.png", curves_png=None, overlays={})
     page = parse_html_report(tmp_path / "report.html")
     text = page["text"]

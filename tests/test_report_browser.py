@@ -84,8 +84,10 @@ def _report(tmp_path):
 
     write_confusion_matrix(out / "cm.png", metrics["pooled"])
     overlay = Overlay(write_overlay(out / "best.png", panels, "best"), stats)
-    return write_report(out / "report.html", metrics, run=run, thresholds_path=thr,
-                        confusion_png=out / "cm.png", curves_png=training_curves(run, out),
+    from ptxseg.run import Run
+
+    return write_report(out / "report.html", metrics, run=Run(run), thresholds_path=thr,
+                        confusion_png=out / "cm.png", curves_png=training_curves(Run(run), out),
                         overlays={"best": overlay})
 
 

@@ -242,7 +242,8 @@ class TrainConfig(_Section):
     )
     logger: Literal["csv", "tensorboard", "mlflow"] = Field(
         "csv",
-        description="experiment tracking besides the run's own metrics.csv (always written): "
+        description="experiment tracking besides the run's own per-epoch metrics file (always "
+        "written): "
         "csv = nothing more; tensorboard = RUN/tensorboard/ event files; mlflow = a local "
         "MLflow store RUN/mlflow.db (no server); both need pip install 'ptxseg[tracking]'",
     )
