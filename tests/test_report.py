@@ -13,21 +13,20 @@ import pytest
 
 from ptxseg.cli import main
 from ptxseg.cli.app import metrics_table
-from ptxseg.metrics import image_stats, summarize
-from ptxseg.postprocess import PostParams
-from ptxseg.report import (
+from ptxseg.figures import (
     GT_RGB,
     PRED_RGB,
     Overlay,
     draw_contours,
     grid_figure,
     make_panel,
-    metric_rows,
     training_curves,
     write_confusion_matrix,
     write_overlay,
-    write_report,
 )
+from ptxseg.metrics import image_stats, summarize
+from ptxseg.postprocess import PostParams
+from ptxseg.report import metric_rows, write_report
 from ptxseg.run import Run
 from tests.conftest import make_run, parse_html_report
 
@@ -111,7 +110,7 @@ def test_confusion_matrix_png(tmp_path):
     path = write_confusion_matrix(tmp_path / "cm.png", pooled)
     img = cv2.imread(str(path))
     assert img is not None and img.shape[1] >= 700
-    from ptxseg.report import confusion_figure
+    from ptxseg.figures import confusion_figure
 
     fig = confusion_figure(pooled)
     assert len(fig.axes) == 4  # two matrices, each with its colour bar
@@ -220,7 +219,7 @@ def _figure_boxes(fig):
 def test_overlay_grid_titles_clear_the_row_above():
     import matplotlib.pyplot as plt
 
-    from ptxseg.report import Panel, overlay_figure
+    from ptxseg.figures import Panel, overlay_figure
 
     g = np.zeros((64, 64), np.uint8)
     g[10:30, 10:30] = 1

@@ -16,10 +16,11 @@ import cv2
 import numpy as np
 import pytest
 
+from ptxseg.figures import Overlay, make_panel, write_confusion_matrix, write_overlay
 from ptxseg.metrics import bootstrap_cis, image_stats, summarize
 from ptxseg.plots import METRICS_COLUMNS
 from ptxseg.postprocess import PostParams
-from ptxseg.report import Overlay, make_panel, write_confusion_matrix, write_overlay, write_report
+from ptxseg.report import write_report
 
 HEADINGS = ["Metrics", "Confusion matrix", "Training curves", "Post-processing", "Cases"]
 
@@ -80,7 +81,7 @@ def _report(tmp_path):
     }))
     out = tmp_path / "out"
     out.mkdir()
-    from ptxseg.report import training_curves
+    from ptxseg.figures import training_curves
 
     write_confusion_matrix(out / "cm.png", metrics["pooled"])
     overlay = Overlay(write_overlay(out / "best.png", panels, "best"), stats)

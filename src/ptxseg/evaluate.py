@@ -34,11 +34,11 @@ import numpy as np
 from ptxseg.choices import Choice
 from ptxseg.data.records import Record
 from ptxseg.errors import PtxsegError
+from ptxseg.figures import TRAINING_CURVES_PNG
 from ptxseg.fileio import csv_text, write_json, write_text
 from ptxseg.metrics import ImageStats, image_stats, summarize
 from ptxseg.postprocess import PostParams, area_scale, binarize
 from ptxseg.progress import progress_bar
-from ptxseg.report import TRAINING_CURVES_PNG
 from ptxseg.run import Run, Split
 
 if TYPE_CHECKING:
@@ -281,20 +281,20 @@ def evaluate_run(
 
 def _write_report(out, run, predictor, records, stats, metrics, rule, at, n_overlay) -> None:
     """Overlays of the best, worst and random cases, the confusion matrix and report.html."""
-    from ptxseg import report  # matplotlib: only once there is something to draw
+    from ptxseg import figures, report  # matplotlib: only once there is something to draw
 
     # the few selected cases are predicted again (cheap) instead of keeping every map
     cases = select_cases(stats, n_overlay)
     wanted = sorted({i for idx in cases.values() for i in idx})
-    panels: dict[int, report.Panel] = {}
+    panels: dict[int, figures.Panel] = {}
     if wanted:
         again = iter_predictions(predictor, [records[i] for i in wanted], at=at, keep_image=True)
         for k, pred in zip(wanted, again, strict=True):
             mask = postprocess(pred, rule.params)
-            panels[k] = report.make_panel(pred.image, pred.gt, mask, stats[k])
+            panels[k] = figures.make_panel(pred.image, pred.gt, mask, stats[k])
     overlays = {
-        name: report.Overlay(
-            report.write_overlay(out / OVERLAYS / f"{name}.png", [panels[i] for i in idx], name),
+        name: figures.Overlay(
+            figures.write_overlay(out / OVERLAYS / f"{name}.png", [panels[i] for i in idx], name),
             [stats[i] for i in idx],
         )
         for name, idx in cases.items()
@@ -303,13 +303,13 @@ def _write_report(out, run, predictor, records, stats, metrics, rule, at, n_over
     for name, idx in cases.items():  # no stale grid from an earlier evaluation into ``out``
         if not idx:
             (out / OVERLAYS / f"{name}.png").unlink(missing_ok=True)
-    report.write_confusion_matrix(out / CONFUSION_PNG, metrics["pooled"])
+    figures.write_confusion_matrix(out / CONFUSION_PNG, metrics["pooled"])
     report.write_report(
         out / REPORT_HTML,
         metrics,
         run=run,
         thresholds_path=rule.path,
         confusion_png=out / CONFUSION_PNG,
-        curves_png=report.training_curves(run, out),
+        curves_png=figures.training_curves(run, out),
         overlays=overlays,
     )

@@ -21,10 +21,10 @@ import numpy as np
 from ptxseg.data.resize import probs_to_native
 from ptxseg.data.rle import encode
 from ptxseg.errors import PtxsegError, printable
+from ptxseg.figures import shrink_to
 from ptxseg.fileio import write_png
 from ptxseg.kaggle import kaggle_image_id
 from ptxseg.postprocess import PostParams, area_scale, binarize
-from ptxseg.report import shrink_to
 
 if TYPE_CHECKING:
     from ptxseg.data.dataset import Item
