@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
+from ptxseg.errors import PtxsegError
 from ptxseg.measures import Geometry, measure
 from ptxseg.overlays import (
     PRED_RGB,
@@ -40,7 +41,7 @@ def test_whole_image_prediction_is_visible():
     inside the picture, not a line on its edge (the old drawing showed neither)."""
     image = _image()
     full = np.ones((256, 256), np.uint8)
-    filled = draw_overlay(image, full, style="filled")
+    filled = draw_overlay(image, full, style="fill")
     assert filled.shape == (256, 256, 3)
     changed = np.any(filled != GRAY, axis=2)
     assert changed.all()  # every pixel tinted or outlined
@@ -90,7 +91,8 @@ def test_masks_at_model_size_over_a_larger_radiograph():
     assert big.shape == (384, 288, 3)
     with pytest.raises(ValueError, match="differ in shape"):
         draw_overlay(image, pred, np.zeros((10, 10), np.uint8))
-    with pytest.raises(ValueError, match="style: unknown 'dotted'"):
+    with pytest.raises(PtxsegError, match=r"--overlay-style: unknown 'dotted' \(valid: fill, "
+                       r"outline\)"):
         draw_overlay(image, pred, style="dotted")
 
 

@@ -201,21 +201,27 @@ def geometry_from_dataset(ds) -> Geometry:
     return Geometry((rows, cols) if rows and cols else None, spacing, note, right_left, basis)
 
 
-def read_geometry(path: str | Path) -> Geometry:
+def read_geometry(path: str | Path, header: Any = None) -> Geometry:
     """The :class:`Geometry` of an image file: from the header of a DICOM, else (PNG, JPEG...)
     no spacing and the standard display assumed.
 
+    Args:
+        path: the image file.
+        header: its DICOM header when already read (``Item.header`` of a prediction, read with
+            the pixels): the file is then not opened again.
+
     Raises:
-        DataError: an unreadable DICOM header.
+        DataError: an unreadable DICOM header, or a corrupt value in it.
     """
     from ptxseg.data.imageio import _dcmread, _dicom_errors, is_dicom
 
     path = Path(path)
-    if not is_dicom(path):
-        return Geometry(spacing_note=f"no pixel spacing ({path.suffix or 'non-DICOM'} image)")
-    ds = _dcmread(path, stop_before_pixels=True)
+    if header is None:
+        if not is_dicom(path):
+            return Geometry(spacing_note=f"no pixel spacing ({path.suffix or 'non-DICOM'} image)")
+        header = _dcmread(path, stop_before_pixels=True)
     with _dicom_errors(path):
-        return geometry_from_dataset(ds)
+        return geometry_from_dataset(header)
 
 
 # ---------------------------------------------------------------------------------------------
