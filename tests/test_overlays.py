@@ -109,6 +109,23 @@ def test_captions():
     assert caption_for(m) == ["PNEUMOTHORAX, patient's left", "4.0 cm2 (100 px), max p 0.75"]
 
 
+def test_caption_flags_cm2_of_a_spacing_too_small_for_a_chest(sample_dir):
+    """The real SIIM DICOMs: 1024 px at 0.143 mm is a 14.6 cm wide chest, so their cm² are
+    flagged under the area; a plausible spacing is not."""
+    from ptxseg.measures import read_geometry
+    from ptxseg.overlays import DOUBTFUL_CM2
+
+    dicom = sorted((sample_dir / "dicom").glob("*.dcm"))[0]
+    mask = _rect((1024, 1024), 200, 400, 100, 300)
+    siim = caption_for(measure(mask, read_geometry(dicom), max_prob=0.9))
+    assert siim[2] == DOUBTFUL_CM2 == "cm2 doubtful: pixel spacing too small for a chest"
+    # 40,000 px x 0.143 mm x 0.143 mm = 817.96 mm2
+    assert siim[1] == "8.2 cm2 (40,000 px), max p 0.90"
+    plausible = Geometry(shape=(1024, 1024), spacing_mm=(0.35, 0.35), spacing_note="x")
+    assert len(caption_for(measure(mask, plausible, max_prob=0.9))) == 2
+    assert len(caption_for(measure(mask, None, max_prob=0.9))) == 2  # PNG: pixels only
+
+
 def test_negative_is_captioned_and_otherwise_untouched():
     image = _image(200, 300)
     empty = np.zeros((200, 300), np.uint8)

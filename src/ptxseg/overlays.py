@@ -49,6 +49,8 @@ class OverlayStyle(Choice):
 
 STYLES = OverlayStyle.values()
 
+DOUBTFUL_CM2 = "cm2 doubtful: pixel spacing too small for a chest"
+
 SIDE_WORDS = {
     "right": "patient's right",
     "left": "patient's left",
@@ -128,9 +130,12 @@ def caption_lines(
     area_px: int | None = None,
     area_cm2: float | None = None,
     side: str | None = None,
+    area_doubtful: bool = False,
 ) -> list[str]:
     """The caption's lines: ``["no pneumothorax", "max p 0.12"]`` or
-    ``["PNEUMOTHORAX, patient's right", "12.3 cm2 (4,512 px), max p 0.97"]``."""
+    ``["PNEUMOTHORAX, patient's right", "12.3 cm2 (4,512 px), max p 0.97"]``; with
+    ``area_doubtful`` (a pixel spacing too small for a chest) a third line says that the cm²
+    are doubtful."""
     prob = "" if max_prob is None else f"max p {max_prob:.2f}"
     if not positive:
         return ["no pneumothorax", prob] if prob else ["no pneumothorax"]
@@ -144,14 +149,17 @@ def caption_lines(
         parts.append(f"{area_px:,} px")
     if prob:
         parts.append(prob)
-    return [head, ", ".join(parts)] if parts else [head]
+    lines = [head, ", ".join(parts)] if parts else [head]
+    if area_doubtful and area_cm2 is not None:
+        lines.append(DOUBTFUL_CM2)
+    return lines
 
 
 def caption_for(measures: LesionMeasures) -> list[str]:
     """:func:`caption_lines` of a prediction's :class:`~ptxseg.measures.LesionMeasures`."""
     return caption_lines(
         measures.area_px > 0, measures.max_prob, measures.area_px, measures.area_cm2,
-        measures.side,
+        measures.side, measures.spacing_doubtful,
     )
 
 
