@@ -71,14 +71,18 @@ def ci_text(metrics: dict[str, Any], section: str, key: str) -> str:
     return f"{ratio_text(float(ci[0]))} - {ratio_text(float(ci[1]))}"
 
 
-def ci_header(metrics: dict[str, Any]) -> str:
-    """The CI column's header, e.g. ``95% CI (bootstrap, 2000 resamples)``."""
+def ci_label(metrics: dict[str, Any]) -> str:
+    """The CI column's short header, e.g. ``95% CI``."""
     cis = metrics.get("confidence_intervals")
-    if not isinstance(cis, dict):
-        return "95% CI"
-    level = cis.get("level", 0.95)
-    n = cis.get("n_resamples")
-    label = f"{100 * float(level):g}% CI"
+    level = cis.get("level", 0.95) if isinstance(cis, dict) else 0.95
+    return f"{100 * float(level):g}% CI"
+
+
+def ci_header(metrics: dict[str, Any]) -> str:
+    """The CI column's header, e.g. ``95% CI (bootstrap over images, 2,000 resamples)``."""
+    cis = metrics.get("confidence_intervals")
+    label = ci_label(metrics)
+    n = cis.get("n_resamples") if isinstance(cis, dict) else None
     return f"{label} (bootstrap over images, {n:,} resamples)" if isinstance(n, int) else label
 
 
