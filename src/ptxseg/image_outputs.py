@@ -111,6 +111,14 @@ class ImageResult:
         return self.measures is not None and self.measures.area_px > 0
 
     @property
+    def area_px(self) -> int | None:
+        return None if self.measures is None else self.measures.area_px
+
+    @property
+    def max_prob(self) -> float | None:
+        return None if self.measures is None else self.measures.max_prob
+
+    @property
     def reason(self) -> str:
         return self.status.removeprefix("error: ")
 
