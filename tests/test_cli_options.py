@@ -18,7 +18,8 @@ CHOICES = {  # command: {option: the values --help must list}
              "--device": "auto|cpu|cuda|mps"},
     "evaluate": {"--at": "native|model", "--split": "all|val|train", "--tta": "none|hflip",
                  "--backend": "torch|onnx", "--device": "auto|cpu|cuda|mps"},
-    "predict": {"--backend": "torch|onnx", "--device": "auto|cpu|cuda|mps", "--tta": "none|hflip"},
+    "predict": {"--backend": "torch|onnx", "--device": "auto|cpu|cuda|mps", "--tta": "none|hflip",
+                "--overlay-style": "fill|outline"},
     "train": {"--layout": "auto|png|siim|ptx498|csv"},
     "inspect": {"--layout": "auto|png|siim|ptx498|csv"},
 }  # fmt: skip
@@ -44,6 +45,7 @@ def test_choices_come_from_the_modules_that_own_them():
     from ptxseg.data.sources import Layout
     from ptxseg.evaluate import At
     from ptxseg.hardware import Device
+    from ptxseg.overlays import OverlayStyle
     from ptxseg.postprocess import Mode
     from ptxseg.predictor import Backend
     from ptxseg.run import Split
@@ -51,7 +53,8 @@ def test_choices_come_from_the_modules_that_own_them():
     from ptxseg.tune import Objective
 
     owners = {"layout": Layout, "at": At, "device": Device, "mode": Mode, "backend": Backend,
-              "split": Split, "tta": Tta, "objective": Objective}  # fmt: skip
+              "split": Split, "tta": Tta, "objective": Objective,
+              "overlay_style": OverlayStyle}  # fmt: skip
     seen = set()
     for command in app.registered_commands:
         hints = typing.get_type_hints(command.callback, include_extras=True)

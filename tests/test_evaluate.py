@@ -89,8 +89,9 @@ def test_evaluate_writes_every_file(evaluated, tuned, data96):
     overlays = sorted(p.name for p in (evaluated / "overlays").iterdir())
     assert "random.png" in overlays and set(overlays) <= {"best.png", "worst.png", "random.png"}
     m = json.loads((evaluated / "metrics.json").read_text())
-    head = ["n_images", "n_positive", "pooled", "per_image", "detection", "thresholds"]
-    assert list(m)[:6] == head
+    head = ["n_images", "n_positive", "pooled", "per_image", "detection", "confidence_intervals",
+            "thresholds"]
+    assert list(m)[:7] == head
     for section, keys in METRIC_LAYOUT.items():
         assert list(m[section])[: len(keys)] == keys
     masks = _masks(data96)

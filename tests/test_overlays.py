@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
+from ptxseg.errors import PtxsegError
 from ptxseg.measures import Geometry, measure
 from ptxseg.overlays import (
     PRED_RGB,
@@ -40,7 +41,7 @@ def test_whole_image_prediction_is_visible():
     inside the picture, not a line on its edge (the old drawing showed neither)."""
     image = _image()
     full = np.ones((256, 256), np.uint8)
-    filled = draw_overlay(image, full, style="filled")
+    filled = draw_overlay(image, full, style="fill")
     assert filled.shape == (256, 256, 3)
     changed = np.any(filled != GRAY, axis=2)
     assert changed.all()  # every pixel tinted or outlined
@@ -90,7 +91,8 @@ def test_masks_at_model_size_over_a_larger_radiograph():
     assert big.shape == (384, 288, 3)
     with pytest.raises(ValueError, match="differ in shape"):
         draw_overlay(image, pred, np.zeros((10, 10), np.uint8))
-    with pytest.raises(ValueError, match="style: unknown 'dotted'"):
+    with pytest.raises(PtxsegError, match=r"--overlay-style: unknown 'dotted' \(valid: fill, "
+                       r"outline\)"):
         draw_overlay(image, pred, style="dotted")
 
 
@@ -105,6 +107,23 @@ def test_captions():
     geo = Geometry(shape=(100, 100), spacing_mm=(2.0, 2.0), spacing_note="x")
     m = measure(_rect((100, 100), 0, 10, 70, 80), geo, max_prob=0.75)  # image right
     assert caption_for(m) == ["PNEUMOTHORAX, patient's left", "4.0 cm2 (100 px), max p 0.75"]
+
+
+def test_caption_flags_cm2_of_a_spacing_too_small_for_a_chest(sample_dir):
+    """The real SIIM DICOMs: 1024 px at 0.143 mm is a 14.6 cm wide chest, so their cm² are
+    flagged under the area; a plausible spacing is not."""
+    from ptxseg.measures import read_geometry
+    from ptxseg.overlays import DOUBTFUL_CM2
+
+    dicom = sorted((sample_dir / "dicom").glob("*.dcm"))[0]
+    mask = _rect((1024, 1024), 200, 400, 100, 300)
+    siim = caption_for(measure(mask, read_geometry(dicom), max_prob=0.9))
+    assert siim[2] == DOUBTFUL_CM2 == "cm2 doubtful: pixel spacing too small for a chest"
+    # 40,000 px x 0.143 mm x 0.143 mm = 817.96 mm2
+    assert siim[1] == "8.2 cm2 (40,000 px), max p 0.90"
+    plausible = Geometry(shape=(1024, 1024), spacing_mm=(0.35, 0.35), spacing_note="x")
+    assert len(caption_for(measure(mask, plausible, max_prob=0.9))) == 2
+    assert len(caption_for(measure(mask, None, max_prob=0.9))) == 2  # PNG: pixels only
 
 
 def test_negative_is_captioned_and_otherwise_untouched():

@@ -25,7 +25,7 @@ from scipy import ndimage
 from ptxseg.cli import main
 from ptxseg.data.inputs import collect_inputs
 from ptxseg.data.rle import decode
-from ptxseg.image_outputs import OVERLAY_BGR
+from ptxseg.overlays import PRED_RGB
 from ptxseg.postprocess import DEFAULT_PARAMS, PostParams
 from ptxseg.predictor import Member, Predictor, TorchModel
 from tests.conftest import make_run, tiny_config, write_dicom
@@ -157,7 +157,7 @@ def test_unreadable_files_are_reported_and_the_rest_predicted(mixed):
     assert len(ok) == 5 + len(mixed["dicoms"])
     last = mixed["stderr"].strip().splitlines()[-1]
     assert last == (
-        f"error: 2 of {len(all_rows)} files could not be read (see the status column of "
+        f"error: 2 of {len(all_rows)} files failed (see the status column of "
         f"{mixed['out'] / 'results.csv'})"
     )
 
@@ -203,17 +203,21 @@ def test_overlays_tint_and_outline_the_predicted_region(mixed):
     gray = _truth_of(mixed, row["source"])
     mask = cv2.imread(str(mixed["out"] / "masks" / f"{row['id']}.png"), 0) // 255
     ov = cv2.imread(str(mixed["out"] / "overlays" / f"{row['id']}.png"), cv2.IMREAD_COLOR)
-    assert ov.shape == (*gray.shape, 3)
-    kernel = np.ones((9, 9), np.uint8)
-    inside = cv2.erode(mask, kernel).astype(bool)
-    outside = ~cv2.dilate(mask, kernel).astype(bool)
+    h = gray.shape[0]
+    assert ov.shape[0] > h and ov.shape[1:] == (gray.shape[1], 3)  # a caption bar under it
+    bar, ov = ov[h:], ov[:h]
+    assert (bar == 255).all(axis=2).any()  # white caption text
+    kernel = np.ones((15, 15), np.uint8)  # beyond the outline band and its halo
+    # (the outline also runs along the image's edge where the region touches it)
+    inside = cv2.erode(mask, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+    outside = ~cv2.dilate(mask, np.ones((5, 5), np.uint8)).astype(bool)
     assert inside.sum() > 1000 and outside.sum() > 1000
     for c in range(3):  # untouched away from the region
         np.testing.assert_array_equal(ov[..., c][outside], gray[outside])
     b, g, r = (ov[..., c][inside].astype(int) for c in range(3))
-    assert (r > g).all() and (r > b).all()  # tinted red inside
+    assert (r > g).all() and (g > b).all()  # tinted vermillion inside
     edge = mask.astype(bool) & ~cv2.erode(mask, np.ones((3, 3), np.uint8)).astype(bool)
-    outline = np.all(ov[edge] == OVERLAY_BGR, axis=1)
+    outline = np.all(ov[edge] == PRED_RGB[::-1], axis=1)
     assert outline.mean() > 0.95  # an opaque outline on the border of the region
     for rr in read_rows(mixed["out"] / "results.csv"):
         assert (mixed["out"] / "overlays" / f"{rr['id']}.png").exists() == (rr["status"] == "ok")
@@ -354,19 +358,31 @@ def test_missing_input_is_a_one_line_error(tmp_path):
     assert _one_line_error(err) == f"error: {tmp_path / 'nope.png'}: no such file or folder"
 
 
-def test_overlay_of_an_empty_mask_is_the_radiograph_and_large_images_are_capped():
-    from ptxseg.image_outputs import OVERLAY_MAX_SIDE, draw_prediction
+def test_overlays_of_negatives_keep_the_radiograph_and_large_images_are_capped(tmp_path):
+    """predict's overlay (finish): a negative is the radiograph with a caption bar under it; a
+    large image is shrunk to OVERLAY_MAX_SIDE, its prediction tinted vermillion."""
+    from ptxseg.data.dataset import Item
+    from ptxseg.image_outputs import OVERLAY_MAX_SIDE, Post, finish
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (300, 200), dtype=np.uint8)
-    np.testing.assert_array_equal(draw_prediction(img, np.zeros_like(img)), img)
+    post = Post(DEFAULT_PARAMS, tmp_path, overlays=True, kaggle=False)
+    item = Item(0, "neg", str(tmp_path / "neg.png"), 300, 200, image=img)
+    result = finish(item, np.zeros((SIZE, SIZE), np.float32), post)
+    assert result.measures.area_px == 0 and result.measures.side == "none"
+    ov = cv2.imread(str(tmp_path / "overlays" / "neg.png"), cv2.IMREAD_COLOR)
+    assert ov.shape[0] > 300 and ov.shape[1] == 200
+    for c in range(3):
+        np.testing.assert_array_equal(ov[:300, :, c], img)
     big = rng.integers(0, 256, (2500, 3000), dtype=np.uint8)
-    mask = np.zeros_like(big)
-    mask[1000:1500, 1000:2000] = 1
-    ov = draw_prediction(big, mask)
-    assert ov.shape == (round(2500 * OVERLAY_MAX_SIDE / 3000), OVERLAY_MAX_SIDE, 3)
-    centre = ov[round(1250 / 3000 * 1024), round(1500 / 3000 * 1024)]
-    assert centre[2] > centre[1] and centre[2] > centre[0]  # tinted red inside the box
+    probs = np.zeros((SIZE, SIZE), np.float32)
+    probs[26:38, 21:43] = 1.0  # rows 1016-1484, columns 984-2016 at native size
+    item = Item(1, "big", str(tmp_path / "big.png"), 2500, 3000, image=big)
+    finish(item, probs, post)
+    ov = cv2.imread(str(tmp_path / "overlays" / "big.png"), cv2.IMREAD_COLOR)
+    assert ov.shape[1] == OVERLAY_MAX_SIDE and ov.shape[0] > round(2500 * OVERLAY_MAX_SIDE / 3000)
+    centre = ov[round(1250 / 3000 * 1024), round(1500 / 3000 * 1024)].astype(int)
+    assert centre[2] > centre[1] > centre[0]  # tinted vermillion inside the box (BGR)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ weights because CI has no internet. ```text blocks are output listings and launc
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shlex
 import subprocess
@@ -81,7 +82,9 @@ def sandbox(sample_dir, tmp_path_factory):
     dicoms = sorted((sample_dir / "dicom").glob("*.dcm"))
     rows = []
     for path in dicoms:
-        _link(path, root / "data/siim-dicom/dicom-images" / path.stem[-6:] / path.name)
+        # one folder per image, named by the last UID component (never a hidden ".xxx" folder)
+        folder = path.stem.rsplit(".", 1)[-1]
+        _link(path, root / "data/siim-dicom/dicom-images" / folder / path.name)
         mask_png = sample_dir / "dicom_masks" / f"{path.stem}.png"
         rle = encode(read_mask(mask_png, (1024, 1024))) if mask_png.exists() else "-1"
         rows.append((path.stem, rle))
@@ -148,6 +151,29 @@ def test_every_readme_command_runs(sandbox, sample_dir, monkeypatch):
     torch_masks = sorted(p.name for p in (sandbox / "predictions/masks").iterdir())
     onnx_masks = sorted(p.name for p in (sandbox / "predictions-onnx/masks").iterdir())
     assert torch_masks == onnx_masks and len(torch_masks) == 3
+    # --dicom-seg on the SIIM DICOMs: a SEG per DICOM referencing it, cm² from PixelSpacing
+    import highdicom as hd
+    import pydicom
+
+    seg_rows = list(csv.DictReader(open(sandbox / "predictions-dicom/results.csv")))
+    assert len(seg_rows) == 12
+    for row in seg_rows:
+        assert row["status"] == "ok" and row["dicom_seg"] == f"dicom_seg/{row['id']}.dcm"
+        src = pydicom.dcmread(row["source"], stop_before_pixels=True)
+        seg = hd.seg.segread(sandbox / "predictions-dicom" / row["dicom_seg"])
+        assert seg.get_source_image_uids() == [
+            (src.StudyInstanceUID, src.SeriesInstanceUID, src.SOPInstanceUID)
+        ]
+        row_mm, col_mm = (float(v) for v in src.PixelSpacing)
+        cm2 = int(row["area_px"]) * row_mm * col_mm / 100
+        assert abs(float(row["area_cm2"]) - cm2) < 5e-5
+        assert row["area_note"].startswith("from PixelSpacing")
+    # evaluate: lesion measures in per_image.csv (PNG: no cm², with the reason), intervals
+    per_image = list(csv.DictReader(open(run / "eval-val/per_image.csv")))
+    assert {r["area_note"] for r in per_image} == {"no pixel spacing (.png image)"}
+    assert {r["area_cm2"] for r in per_image} == {""}
+    metrics = json.loads((run / "eval-val/metrics.json").read_text())
+    assert metrics["confidence_intervals"]["seed"] == 0
     assert (sandbox / "data/siim-512/manifest.csv").exists()
     assert (sandbox / "runs/siim-dicom/best.ckpt").exists()
     assert (sandbox / "demo-small/report.html").exists()

@@ -169,7 +169,7 @@ def test_fifos_are_reported_and_never_read(run, tmp_path):
     for ok in (src / "a.png", manifest / "b.png", dataset / "png_images" / "e.png"):
         assert rows[str(ok)]["status"] == "ok"
     assert len(rows) == 7  # the FIFO mask is no input
-    assert "error: 4 of 7 files could not be read" in done.stderr
+    assert "error: 4 of 7 files failed" in done.stderr
 
 
 def test_inspect_reports_fifos(tmp_path):

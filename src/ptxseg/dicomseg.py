@@ -235,9 +235,12 @@ def write_dicom_seg(
     mask: np.ndarray,
     out: str | Path,
     algorithm: AlgorithmInfo | None = None,
+    *,
+    name: str | None = None,
 ) -> Path:
-    """Write the DICOM SEG of ``mask`` over ``source`` (a DICOM path or a pydicom dataset) to
-    ``out``, atomically (see :func:`build_segmentation`).
+    """Write the DICOM SEG of ``mask`` over ``source`` (a DICOM path or a pydicom dataset, its
+    header is enough) to ``out``, atomically (see :func:`build_segmentation`). ``name``: how
+    errors name a dataset source (default: the path, else its SOP Instance UID).
 
     Raises:
         DataError: an unreadable source, or one no SEG can be made from.
@@ -246,10 +249,8 @@ def write_dicom_seg(
     from ptxseg.fileio import atomic_open
 
     if isinstance(source, (str, Path)):
-        name = str(source)
+        name = name or str(source)
         source = read_source(source)
-    else:
-        name = None
     seg = build_segmentation(source, mask, algorithm, name=name)
     with atomic_open(out, "wb") as fh:
         seg.save_as(fh, enforce_file_format=True)

@@ -7,8 +7,12 @@ dataset. By default masks are compared at the image's native resolution (probabi
 back, removal areas scaled); ``at="model"`` compares at model resolution with the ground truth
 resized (nearest), as the paper did.
 
-Outputs in ``out``: ``metrics.json`` (deterministic: same inputs, same bytes), ``per_image.csv``,
-``confusion_matrix.png``, ``overlays/{best,worst,random}.png`` and ``report.html``.
+Outputs in ``out``: ``metrics.json`` (deterministic: same inputs, same bytes; with 95 %
+bootstrap confidence intervals over images, :func:`ptxseg.metrics.bootstrap_cis`, seeded, the
+seed recorded), ``per_image.csv`` (with the predicted lesion's measures,
+:data:`PER_IMAGE_MEASURES`: cm² from the DICOM's pixel spacing, side),
+``confusion_matrix.png``, ``overlays/{best,worst,random}.png`` and ``report.html`` (captions
+with cm² where the image has a spacing).
 
 Thresholds follow the one rule of :meth:`ptxseg.run.Run.thresholds` (shared with predict):
 ``--thresholds FILE``, else the run's tuned file, else the default rule with a warning;
@@ -33,10 +37,11 @@ import numpy as np
 
 from ptxseg.choices import Choice
 from ptxseg.data.records import Record
-from ptxseg.errors import PtxsegError
+from ptxseg.errors import PtxsegError, printable
 from ptxseg.figures import TRAINING_CURVES_PNG
 from ptxseg.fileio import csv_text, write_json, write_text
-from ptxseg.metrics import ImageStats, image_stats, summarize
+from ptxseg.measures import MEASURE_COLUMNS, Geometry, LesionMeasures, measure, read_geometry
+from ptxseg.metrics import ImageStats, bootstrap_cis, image_stats, summarize
 from ptxseg.postprocess import PostParams, area_scale, binarize
 from ptxseg.progress import progress_bar
 from ptxseg.run import Run, Split
@@ -79,6 +84,7 @@ class Prediction:
     gt: np.ndarray
     max_prob: float
     image: np.ndarray | None = None  # the native radiograph, with ``keep_image``
+    geometry: Geometry | None = None  # pixel spacing and orientation, with ``geometry``
 
 
 def iter_predictions(
@@ -88,6 +94,7 @@ def iter_predictions(
     at: str | At = At.NATIVE,
     progress: str | None = None,
     keep_image: bool = False,
+    geometry: bool = False,
 ) -> Iterator[Prediction]:
     """Predict ``records`` in batches and yield each image's probabilities with its ground truth,
     at native resolution (``at="native"``) or model resolution (``at="model"``, ground truth
@@ -95,6 +102,9 @@ def iter_predictions(
 
     Args:
         progress: description of a progress bar; ``None`` shows none.
+        keep_image: hand back each native radiograph (overlays).
+        geometry: each image's :class:`~ptxseg.measures.Geometry` (a DICOM's header comes
+            with its pixels: no second read).
     """
     from ptxseg.data.imageio import read_mask
     from ptxseg.data.resize import probs_to_native
@@ -104,7 +114,8 @@ def iter_predictions(
     entries = [(r.id, r.image) for r in records]
     with progress_bar(enabled=progress is not None, transient=True) as bar:
         task = bar.add_task(progress or "", total=len(records))
-        for item, probs in predictor.file_probs(entries, keep_image=keep_image):
+        for item, probs in predictor.file_probs(entries, keep_image=keep_image,
+                                                keep_header=geometry):
             record = records[item.index]
             if probs is None:
                 raise PtxsegError(item.error or f"{item.path}: cannot read image")
@@ -121,7 +132,8 @@ def iter_predictions(
                 out = probs
                 if gt.shape != (size, size):
                     gt = cv2.resize(gt, (size, size), interpolation=cv2.INTER_NEAREST)
-            yield Prediction(record, out, gt, max_prob, item.image)
+            geo = read_geometry(item.path, item.header) if geometry else None
+            yield Prediction(record, out, gt, max_prob, item.image, geo)
             bar.advance(task)
 
 
@@ -147,12 +159,23 @@ PER_IMAGE_COLUMNS = (
     "fp",
     "fn",
 )
+#: the predicted lesion's measures in per_image.csv (``area_px`` is ``predicted_area`` and
+#: ``max_prob`` is there already): :data:`ptxseg.measures.MEASURE_COLUMNS`
+PER_IMAGE_MEASURES = tuple(c for c in MEASURE_COLUMNS if c not in ("area_px", "max_prob"))
 
 
-def per_image_csv(stats: Sequence[ImageStats]) -> str:
-    """``per_image.csv``: one row per image (Dice/IoU of empty on empty = 1)."""
+def per_image_csv(stats: Sequence[ImageStats],
+                  measures: Sequence[LesionMeasures] | None = None) -> str:
+    """``per_image.csv``: one row per image (Dice/IoU of empty on empty = 1), and with
+    ``measures`` (one per image, of the predicted mask) the :data:`PER_IMAGE_MEASURES`."""
+    if measures is None:
+        columns, extra = PER_IMAGE_COLUMNS, [[] for _ in stats]
+    else:
+        columns = PER_IMAGE_COLUMNS + PER_IMAGE_MEASURES
+        keep = [MEASURE_COLUMNS.index(c) for c in PER_IMAGE_MEASURES]
+        extra = [[printable(m.row()[i]) for i in keep] for m in measures]
     return csv_text(
-        PER_IMAGE_COLUMNS,
+        columns,
         (
             [
                 s.id,
@@ -166,8 +189,9 @@ def per_image_csv(stats: Sequence[ImageStats]) -> str:
                 s.tp,
                 s.fp,
                 s.fn,
+                *cells,
             ]
-            for s in stats
+            for s, cells in zip(stats, extra, strict=True)
         ),
     )
 
@@ -247,11 +271,15 @@ def evaluate_run(
             stacklevel=2,
         )
     stats: list[ImageStats] = []
+    measures: list[LesionMeasures] = []
+    geometries: list[Geometry | None] = []
     for pred in iter_predictions(
-        predictor, records, at=at, progress="Evaluating" if progress else None
+        predictor, records, at=at, progress="Evaluating" if progress else None, geometry=True
     ):
         mask = postprocess(pred, rule.params)
         stats.append(image_stats(pred.record.id, mask, pred.gt, pred.max_prob))
+        measures.append(measure(mask, pred.geometry, max_prob=pred.max_prob))
+        geometries.append(pred.geometry)
 
     summary = summarize(stats)
     metrics: dict[str, Any] = {
@@ -260,6 +288,7 @@ def evaluate_run(
         "pooled": summary["pooled"],
         "per_image": summary["per_image"],
         "detection": summary["detection"],
+        "confidence_intervals": bootstrap_cis(stats),
         "thresholds": rule.params.to_dict(),
         "thresholds_source": rule.source,
         "reasons": summary["reasons"],
@@ -274,13 +303,15 @@ def evaluate_run(
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / METRICS_JSON, metrics)
-    write_text(out / PER_IMAGE_CSV, per_image_csv(stats))
-    _write_report(out, run, predictor, records, stats, metrics, rule, at, n_overlay)
+    write_text(out / PER_IMAGE_CSV, per_image_csv(stats, measures))
+    _write_report(out, run, predictor, records, stats, geometries, metrics, rule, at, n_overlay)
     return metrics
 
 
-def _write_report(out, run, predictor, records, stats, metrics, rule, at, n_overlay) -> None:
-    """Overlays of the best, worst and random cases, the confusion matrix and report.html."""
+def _write_report(out, run, predictor, records, stats, geometries, metrics, rule, at,
+                  n_overlay) -> None:
+    """Overlays of the best, worst and random cases (captions with cm² where the image's
+    ``geometries`` have a pixel spacing), the confusion matrix and report.html."""
     from ptxseg import figures, report  # matplotlib: only once there is something to draw
 
     # the few selected cases are predicted again (cheap) instead of keeping every map
@@ -291,7 +322,7 @@ def _write_report(out, run, predictor, records, stats, metrics, rule, at, n_over
         again = iter_predictions(predictor, [records[i] for i in wanted], at=at, keep_image=True)
         for k, pred in zip(wanted, again, strict=True):
             mask = postprocess(pred, rule.params)
-            panels[k] = figures.make_panel(pred.image, pred.gt, mask, stats[k])
+            panels[k] = figures.make_panel(pred.image, pred.gt, mask, stats[k], geometries[k])
     overlays = {
         name: figures.Overlay(
             figures.write_overlay(out / OVERLAYS / f"{name}.png", [panels[i] for i in idx], name),

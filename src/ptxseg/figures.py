@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import cv2
 import numpy as np
 
 from ptxseg.fileio import save_figure
@@ -58,20 +57,6 @@ class Overlay:
     cases: list[ImageStats]
 
 
-def shrink_to(max_side: int, image: np.ndarray, *masks: np.ndarray) -> tuple[np.ndarray, ...]:
-    """``image`` (area interpolation) and same-size ``masks`` (nearest) shrunk so that the
-    longest side is at most ``max_side``; returned unchanged when they already fit."""
-    h, w = image.shape[:2]
-    scale = min(1.0, max_side / max(h, w))
-    if scale >= 1.0:
-        return (image, *masks)
-    dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return (
-        cv2.resize(image, dsize, interpolation=cv2.INTER_AREA),
-        *(cv2.resize(m, dsize, interpolation=cv2.INTER_NEAREST) for m in masks),
-    )
-
-
 def draw_contours(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """Radiograph (gray uint8) with the ground truth (sky blue, dashed) and the prediction
     (vermillion, solid, tinted), RGB, no caption (:func:`ptxseg.overlays.draw_overlay`).
@@ -80,7 +65,7 @@ def draw_contours(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.nda
         - image, gt, pred: ``(H, W)``; output ``(h, w, 3)`` with the longest side PANEL_SIZE
           (smaller images enlarged, so that lines and dashes stay legible)
     """
-    return draw_overlay(image, pred, gt, style="filled", max_side=PANEL_SIZE,
+    return draw_overlay(image, pred, gt, style="fill", max_side=PANEL_SIZE,
                         min_side=PANEL_SIZE)
 
 
@@ -94,7 +79,7 @@ def make_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, stats: Image
     from ptxseg.overlays import caption_for
 
     caption = caption_for(measure(pred, geometry, max_prob=stats.max_prob))
-    rgb = draw_overlay(image, pred, gt, style="filled", caption=caption, max_side=PANEL_SIZE,
+    rgb = draw_overlay(image, pred, gt, style="fill", caption=caption, max_side=PANEL_SIZE,
                        min_side=PANEL_SIZE, legend=False)
     name = stats.id if len(stats.id) <= 32 else stats.id[:29] + "..."
     return Panel(rgb, f"{name}\nDice {stats.dice:.3f}, truth {stats.true_area:,} px")

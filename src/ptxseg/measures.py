@@ -49,6 +49,8 @@ import numpy as np
 BOTH_MIN_SHARE = 0.1
 #: spacing that makes the image narrower than this (mm) gets a warning in ``area_note``
 MIN_PLAUSIBLE_FIELD_MM = 200.0
+#: the words of that warning (:attr:`LesionMeasures.spacing_doubtful` looks for them)
+SMALL_FIELD = "small for an adult chest"
 #: the columns a measures row adds to results.csv / per_image.csv
 MEASURE_COLUMNS = ("area_px", "area_cm2", "area_note", "side", "right_share", "side_basis",
                    "max_prob")
@@ -83,6 +85,12 @@ class LesionMeasures:
     right_share: float | None
     side_basis: str
     max_prob: float | None
+
+    @property
+    def spacing_doubtful(self) -> bool:
+        """The cm² rest on a spacing that makes the image narrower than a chest
+        (:data:`MIN_PLAUSIBLE_FIELD_MM`; the SIIM-ACR DICOMs)."""
+        return self.area_cm2 is not None and SMALL_FIELD in self.area_note
 
     def row(self) -> list[str]:
         """The :data:`MEASURE_COLUMNS` cells (empty where undefined)."""
@@ -152,7 +160,7 @@ def spacing_from_dataset(ds) -> tuple[tuple[float, float] | None, str]:
         if min(height, width) < MIN_PLAUSIBLE_FIELD_MM:
             note += (
                 f"; the image spans only {width / 10:.1f} x {height / 10:.1f} cm by this "
-                "spacing, small for an adult chest: the spacing may describe the image before "
+                f"spacing, {SMALL_FIELD}: the spacing may describe the image before "
                 "it was resized, and the area be too small"
             )
     return (spacing[0], spacing[1]), note
@@ -201,21 +209,27 @@ def geometry_from_dataset(ds) -> Geometry:
     return Geometry((rows, cols) if rows and cols else None, spacing, note, right_left, basis)
 
 
-def read_geometry(path: str | Path) -> Geometry:
+def read_geometry(path: str | Path, header: Any = None) -> Geometry:
     """The :class:`Geometry` of an image file: from the header of a DICOM, else (PNG, JPEG...)
     no spacing and the standard display assumed.
 
+    Args:
+        path: the image file.
+        header: its DICOM header when already read (``Item.header`` of a prediction, read with
+            the pixels): the file is then not opened again.
+
     Raises:
-        DataError: an unreadable DICOM header.
+        DataError: an unreadable DICOM header, or a corrupt value in it.
     """
     from ptxseg.data.imageio import _dcmread, _dicom_errors, is_dicom
 
     path = Path(path)
-    if not is_dicom(path):
-        return Geometry(spacing_note=f"no pixel spacing ({path.suffix or 'non-DICOM'} image)")
-    ds = _dcmread(path, stop_before_pixels=True)
+    if header is None:
+        if not is_dicom(path):
+            return Geometry(spacing_note=f"no pixel spacing ({path.suffix or 'non-DICOM'} image)")
+        header = _dcmread(path, stop_before_pixels=True)
     with _dicom_errors(path):
-        return geometry_from_dataset(ds)
+        return geometry_from_dataset(header)
 
 
 # ---------------------------------------------------------------------------------------------

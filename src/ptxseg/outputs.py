@@ -23,7 +23,7 @@ from pathlib import Path
 from ptxseg.data.ids import safe_id
 from ptxseg.errors import DataError, PtxsegError
 from ptxseg.fileio import FolderBusy, folder_lock, not_regular, read_text, resolved
-from ptxseg.image_outputs import MASKS, OVERLAYS
+from ptxseg.image_outputs import DICOM_SEG, MASKS, OVERLAYS, seg_path
 from ptxseg.kaggle import is_kaggle_csv
 
 RESULTS_NAME = "results.csv"
@@ -82,14 +82,17 @@ class OutputPlan:
     read_files: set[Path]  # resolved paths of every file the command reads
     read_dirs: set[Path]  # resolved input folders (their files are read)
     overwrite: bool = False
+    seg_ids: Sequence[str] = ()  # the DICOM inputs of --dicom-seg: dicom_seg/<id>.dcm
 
     def files(self, ids: Sequence[str], overlays: bool) -> list[Path]:
         """The files this run writes inside ``out``."""
         names = [RESULTS_NAME, PREDICT_JSON]
         subs = OUTPUT_SUBDIRS if overlays else OUTPUT_SUBDIRS[:1]
-        return [self.out / n for n in names] + [
-            self.out / sub / f"{i}.png" for sub in subs for i in ids
-        ]
+        return (
+            [self.out / n for n in names]
+            + [self.out / sub / f"{i}.png" for sub in subs for i in ids]
+            + [seg_path(self.out, i) for i in self.seg_ids]
+        )
 
 
 def _clash(paths: Iterable[Path], read_files: set[Path]) -> Path | None:
@@ -114,6 +117,7 @@ def plan_outputs(
     ids: Sequence[str],
     overlays: bool,
     overwrite: bool,
+    seg_ids: Sequence[str] = (),
 ) -> OutputPlan:
     """Check every output path before any work (nothing is written here).
 
@@ -127,7 +131,7 @@ def plan_outputs(
     read_files = {resolved(p) for p in read_files}
     read_dirs = {resolved(p) for p in read_dirs}
     check_out_folder(out)
-    plan = OutputPlan(out, kaggle_csv, read_files, read_dirs, overwrite)
+    plan = OutputPlan(out, kaggle_csv, read_files, read_dirs, overwrite, list(seg_ids))
     if kaggle_csv is not None:
         kaggle_r = resolved(kaggle_csv)
         in_out = resolved(out) in kaggle_r.parents
@@ -145,7 +149,7 @@ def plan_outputs(
                 "overwrite it"
             )
         if kaggle_r in {resolved(p) for p in plan.files([], overlays=True)} or (
-            any(resolved(out / sub) in kaggle_r.parents for sub in OUTPUT_SUBDIRS)
+            any(resolved(out / sub) in kaggle_r.parents for sub in (*OUTPUT_SUBDIRS, DICOM_SEG))
         ):
             raise PtxsegError(f"{kaggle_csv}: --kaggle-csv is a file that --out itself receives")
         folder = next((d for d in read_dirs if d in kaggle_r.parents), None)
@@ -172,13 +176,14 @@ def plan_outputs(
 class Previous:
     """What a previous ``ptxseg predict`` recorded in an output folder."""
 
-    files: set[Path]  # the files it wrote (results.csv, predict.json, masks/*, overlays/*)
+    files: set[Path]  # what it wrote (results.csv, predict.json, masks/, overlays/, dicom_seg/)
 
 
 def previous_outputs(out: Path) -> Previous | None:
-    """The outputs a previous predict recorded in ``out/predict.json`` (its ``ids`` and
-    ``overlays``; files of an older version without ``ids``: the ids of its results.csv), or
-    ``None`` when ``out`` holds no readable predict.json of ptxseg."""
+    """The outputs a previous predict recorded in ``out/predict.json`` (its ``ids``, and the
+    DICOM SEGs of those ids when it says ``"dicom_seg": true``; files of an older version
+    without ``ids``: the ids of its results.csv), or ``None`` when ``out`` holds no readable
+    predict.json of ptxseg."""
     path = out / PREDICT_JSON
     if not os.path.lexists(path):
         return None
@@ -198,6 +203,8 @@ def previous_outputs(out: Path) -> Previous | None:
     ids = [safe_id(i) for i in ids if isinstance(i, str) and i]
     files = {out / RESULTS_NAME, path}
     files |= {out / sub / f"{i}.png" for sub in OUTPUT_SUBDIRS for i in ids}
+    if info.get("dicom_seg") is True:
+        files |= {seg_path(out, i) for i in ids}
     return Previous(files)
 
 

@@ -6,11 +6,12 @@ Conventions:
 - colours from the Okabe-Ito palette, told apart with any colour vision: prediction
   vermillion :data:`PRED_RGB`, ground truth sky blue :data:`TRUTH_RGB` (never red on green);
 - told apart in grayscale too, by line style: the prediction's outline is solid (and in the
-  ``filled`` style its region tinted), the truth's outline is dashed and never filled;
+  ``fill`` style, :class:`OverlayStyle`, its region tinted), the truth's outline is dashed and
+  never filled;
 - every outline has a thin black halo, so it shows on bright bone as on dark lung;
 - outlines are drawn on the inner side of their region's boundary: a prediction that covers
   the whole image is a frame inside the picture, not a line on its edge that a border hides,
-  and in the ``filled`` style the whole picture is tinted;
+  and in the ``fill`` style the whole picture is tinted;
 - the caption (a bar under the image, :func:`caption_lines`) says the finding: ``no
   pneumothorax`` on a negative, else ``PNEUMOTHORAX``, the side, the area (cm² where known,
   pixels) and the maximum probability; with a ground truth, a legend of the two line styles.
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from ptxseg.choices import Choice
 from ptxseg.measures import LesionMeasures
 
 #: Okabe-Ito vermillion and sky blue (Okabe & Ito 2008, "Color Universal Design")
@@ -35,7 +37,19 @@ HALO_RGB = (0, 0, 0)
 BAR_RGB = (32, 32, 32)
 TEXT_RGB = (255, 255, 255)
 FILL_ALPHA = 0.35
-STYLES = ("filled", "outline")
+
+
+class OverlayStyle(Choice):
+    """How the predicted region is drawn (``--overlay-style``): tinted and outlined, or
+    outlined only (the radiograph under it left untouched)."""
+
+    FILL = "fill"
+    OUTLINE = "outline"
+
+
+STYLES = OverlayStyle.values()
+
+DOUBTFUL_CM2 = "cm2 doubtful: pixel spacing too small for a chest"
 
 SIDE_WORDS = {
     "right": "patient's right",
@@ -116,9 +130,12 @@ def caption_lines(
     area_px: int | None = None,
     area_cm2: float | None = None,
     side: str | None = None,
+    area_doubtful: bool = False,
 ) -> list[str]:
     """The caption's lines: ``["no pneumothorax", "max p 0.12"]`` or
-    ``["PNEUMOTHORAX, patient's right", "12.3 cm2 (4,512 px), max p 0.97"]``."""
+    ``["PNEUMOTHORAX, patient's right", "12.3 cm2 (4,512 px), max p 0.97"]``; with
+    ``area_doubtful`` (a pixel spacing too small for a chest) a third line says that the cm²
+    are doubtful."""
     prob = "" if max_prob is None else f"max p {max_prob:.2f}"
     if not positive:
         return ["no pneumothorax", prob] if prob else ["no pneumothorax"]
@@ -132,14 +149,17 @@ def caption_lines(
         parts.append(f"{area_px:,} px")
     if prob:
         parts.append(prob)
-    return [head, ", ".join(parts)] if parts else [head]
+    lines = [head, ", ".join(parts)] if parts else [head]
+    if area_doubtful and area_cm2 is not None:
+        lines.append(DOUBTFUL_CM2)
+    return lines
 
 
 def caption_for(measures: LesionMeasures) -> list[str]:
     """:func:`caption_lines` of a prediction's :class:`~ptxseg.measures.LesionMeasures`."""
     return caption_lines(
         measures.area_px > 0, measures.max_prob, measures.area_px, measures.area_cm2,
-        measures.side,
+        measures.side, measures.spacing_doubtful,
     )
 
 
@@ -196,20 +216,20 @@ def draw_overlay(
     pred: np.ndarray | None = None,
     truth: np.ndarray | None = None,
     *,
-    style: str = "filled",
+    style: str | OverlayStyle = OverlayStyle.FILL,
     caption: list[str] | None = None,
     max_side: int | None = None,
     legend: bool | None = None,
     min_side: int | None = None,
 ) -> np.ndarray:
     """The radiograph with the prediction (vermillion, solid, tinted when ``style`` is
-    ``filled``) and the ground truth (sky blue, dashed), and a caption bar under it.
+    ``fill``) and the ground truth (sky blue, dashed), and a caption bar under it.
 
     Args:
         image: gray ``uint8`` radiograph, any size (resized to the masks' size when they
             differ).
         pred, truth: ``(H, W)`` binary masks of one size (non-zero = lesion), or None.
-        style: ``filled`` or ``outline``.
+        style: ``fill`` or ``outline`` (:class:`OverlayStyle`).
         caption: the caption's lines (:func:`caption_lines`); None: no bar.
         max_side: shrink so that the longest side of the picture is at most this.
         min_side: enlarge so that the longest side is at least this (small images: lines and
@@ -220,8 +240,7 @@ def draw_overlay(
     Shape:
         - output: ``(h + bar, w, 3)`` RGB uint8
     """
-    if style not in STYLES:
-        raise ValueError(f"style: unknown '{style}' (valid: {', '.join(STYLES)})")
+    style = OverlayStyle.parse(style, "--overlay-style")
     masks = [m for m in (pred, truth) if m is not None]
     if masks:
         shape = masks[0].shape[:2]
@@ -237,7 +256,7 @@ def draw_overlay(
     rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     width = line_width(rgb.shape)
     if pred_m is not None and pred_m.any():
-        if style == "filled":
+        if style is OverlayStyle.FILL:
             tint = np.empty_like(rgb)
             tint[:] = PRED_RGB
             blended = cv2.addWeighted(rgb, 1.0 - FILL_ALPHA, tint, FILL_ALPHA, 0.0)
@@ -257,7 +276,7 @@ def draw_prediction(
     mask: np.ndarray,
     measures: LesionMeasures,
     *,
-    style: str = "filled",
+    style: str | OverlayStyle = OverlayStyle.FILL,
     max_side: int | None = None,
 ) -> np.ndarray:
     """predict's overlay of one image: :func:`draw_overlay` of the prediction alone with its

@@ -9,9 +9,11 @@ else the run's tuned one, else the default rule with a warning, recorded as
 any work, ``--out`` locked, a previous predict's outputs replaced, never anyone else's) and the
 SIIM-ACR submission (:mod:`ptxseg.kaggle`).
 
-Outputs (all written atomically): ``masks/<id>.png``, ``overlays/<id>.png``, ``results.csv``
-(one row per input, in input order; an unreadable file is a row with its error), ``predict.json``
-(what was run) and with ``kaggle_csv`` a submission (unreadable files have no row).
+Outputs (all written atomically): ``masks/<id>.png``, ``overlays/<id>.png``, with
+``dicom_seg`` a DICOM SEG ``dicom_seg/<id>.dcm`` per DICOM input, ``results.csv`` (one row per
+input, in input order, with its lesion measures; an unreadable file is a row with its error),
+``predict.json`` (what was run) and with ``kaggle_csv`` a submission (unreadable files have no
+row).
 
 Warnings (an unreadable file, the default rule) are Python warnings, emitted as they happen;
 notes (how folders were read, what was skipped) come back in :class:`PredictSummary`; the
@@ -34,12 +36,20 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ptxseg.data.imageio import is_dicom
 from ptxseg.data.inputs import Inputs, collect_inputs
 from ptxseg.errors import PtxsegError, printable
 from ptxseg.fileio import atomic_open, write_json
-from ptxseg.image_outputs import RESULTS_COLUMNS, ImageResult, Post, error_reason, finish
+from ptxseg.image_outputs import (
+    RESULTS_COLUMNS,
+    ImageResult,
+    Post,
+    error_reason,
+    finish,
+    seg_algorithm,
+)
 from ptxseg.kaggle import KAGGLE_COLUMNS, mapped_kaggle_ids
 from ptxseg.outputs import (
     PREDICT_JSON,
@@ -52,11 +62,15 @@ from ptxseg.outputs import (
     plan_outputs,
     previous_outputs,
 )
+from ptxseg.overlays import OverlayStyle
 from ptxseg.postprocess import PostParams
 from ptxseg.predictor import Backend, Predictor
 from ptxseg.progress import progress_bar
 from ptxseg.run import Run
 from ptxseg.tta import Tta
+
+if TYPE_CHECKING:
+    from ptxseg.dicomseg import AlgorithmInfo
 
 
 @dataclass
@@ -91,19 +105,24 @@ def run_prediction(
     kaggle_ids: dict[str, str] | None = None,
     writers: int | None = None,
     overlays: bool = True,
+    overlay_style: str | OverlayStyle = OverlayStyle.FILL,
+    dicom_seg: AlgorithmInfo | None = None,
     progress: bool = True,
     console=None,
 ) -> tuple[list[tuple[str, str]], int, float]:
-    """Predict every input and write the outputs (see the module doc); each unreadable file is
-    a warning as it is met.
+    """Predict every input and write the outputs (see the module doc); each failed file (an
+    unreadable one, a DICOM without its SEG) is a warning, in input order. ``dicom_seg``: write
+    a DICOM SEG of each DICOM input, identifying the model so
+    (:func:`ptxseg.image_outputs.seg_algorithm`).
 
     Returns:
-        ``(errors, n_positive, seconds)``: ``(source, reason)`` of each unreadable file, and the
+        ``(errors, n_positive, seconds)``: ``(source, reason)`` of each failed file, and the
         time from the first read to the last write (model loading excluded).
     """
     writers = writers or max(2, os.cpu_count() or 1)
     max_in_flight = 2 * predictor.batch_size + 2 * writers  # memory constant in len(inputs)
-    post = Post(params, Path(out), overlays, kaggle_csv is not None, kaggle_ids or {})
+    post = Post(params, Path(out), overlays, kaggle_csv is not None, kaggle_ids or {},
+                OverlayStyle.parse(overlay_style, "--overlay-style"), dicom_seg)
     entries = [(e.id, e.path) for e in inputs.entries]
     errors: list[tuple[str, str]] = []
     n_positive = 0
@@ -134,10 +153,13 @@ def run_prediction(
         def emit(result: ImageResult) -> None:
             nonlocal done, n_positive
             results.writerow(result.row())
-            if result.ok:
-                n_positive += int(bool(result.has_pneumothorax))
+            if result.predicted:
+                n_positive += int(result.has_pneumothorax)
                 if kaggle is not None:
                     kaggle.writerow([result.kaggle_id, result.rle])
+            if not result.ok:  # unreadable, or its DICOM SEG could not be made
+                errors.append((result.source, result.reason))
+                warnings.warn(f"{result.source}: {result.reason}", UserWarning, stacklevel=2)
             done += 1
             rate = done / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=1, rate=f"{rate:.1f} img/s")
@@ -151,12 +173,11 @@ def run_prediction(
                 head = pending.popleft()
                 emit(head if isinstance(head, ImageResult) else head.result())
 
-        for item, probs in predictor.file_probs(entries, keep_image=overlays):
+        # the header comes with the pixels: measures and SEGs read no file again
+        for item, probs in predictor.file_probs(entries, keep_image=overlays, keep_header=True):
             if probs is None:
-                reason = error_reason(item)
-                errors.append((item.path, reason))
-                warnings.warn(f"{item.path}: {reason}", UserWarning, stacklevel=2)
-                pending.append(ImageResult(item.id, item.path, status=f"error: {reason}"))
+                pending.append(ImageResult(item.id, item.path,
+                                           status=f"error: {error_reason(item)}"))
             else:
                 pending.append(pool.submit(finish, item, probs, post))
             drain(max_in_flight)
@@ -179,6 +200,8 @@ def predict(
     batch_size: int | None = None,
     workers: int | None = None,
     overlays: bool = True,
+    overlay_style: str = "fill",
+    dicom_seg: bool = False,
     device: str = "auto",
     compile: bool | None = None,
     overwrite: bool = False,
@@ -201,7 +224,10 @@ def predict(
             PNG (``new_filename`` -> ``ImageId``); needs ``kaggle_csv``.
         model_path: checkpoint (torch) or ONNX file (onnx) instead of the run's own; a
             checkpoint alone describes its model.
-        overlays: also write overlays/<id>.png.
+        overlays: also write overlays/<id>.png, in ``overlay_style`` (``fill``: the region
+            tinted and outlined; ``outline``: outlined only).
+        dicom_seg: also write a DICOM SEG ``dicom_seg/<id>.dcm`` of each DICOM input (other
+            inputs: a note in results.csv).
         overwrite: replace existing files that no previous predict wrote (:mod:`ptxseg.outputs`).
 
     Returns:
@@ -218,6 +244,7 @@ def predict(
     kaggle = Path(kaggle_csv) if kaggle_csv else None
     Tta.parse(tta, "--tta")
     backend = Backend.parse(backend, "--backend")
+    overlay_style = OverlayStyle.parse(overlay_style, "--overlay-style")
     if batch_size is not None and batch_size < 1:
         raise PtxsegError(f"--batch-size: must be at least 1 (got {batch_size})")
     if id_maps and kaggle is None:
@@ -243,6 +270,7 @@ def predict(
         ids=ids,
         overlays=overlays,
         overwrite=overwrite,
+        seg_ids=[e.id for e in collected.entries if is_dicom(e.path)] if dicom_seg else [],
     )
     created = [p for p in (out, *out.parents) if not os.path.lexists(p)]
     try:
@@ -260,7 +288,8 @@ def predict(
             )  # fmt: skip
             return _predict_locked(
                 run, loaded, collected, plan, previous, t0=t0, thresholds=thresholds,
-                kaggle_ids=kaggle_ids, overlays=overlays, progress=progress, console=console,
+                kaggle_ids=kaggle_ids, overlays=overlays, overlay_style=overlay_style,
+                dicom_seg=dicom_seg, progress=progress, console=console,
             )  # fmt: skip
     except BaseException:
         for path in created:  # a new --out that holds nothing yet is removed again
@@ -280,6 +309,8 @@ def _predict_locked(
     thresholds,
     kaggle_ids: dict[str, str],
     overlays: bool,
+    overlay_style: OverlayStyle,
+    dicom_seg: bool,
     progress: bool,
     console,
 ) -> PredictSummary:
@@ -299,7 +330,15 @@ def _predict_locked(
         "batch_size": predictor.batch_size,
         "thresholds": rule.params.to_dict(),
         "thresholds_source": printable(rule.source),
+        "overlay_style": str(overlay_style),
+        "dicom_seg": dicom_seg,
     }
+    # what identifies the model in every SEG: its file's sha256, computed once per run
+    algorithm = (
+        seg_algorithm(run.path.name, [m.path for m in predictor.members], predictor.tta,
+                      rule.params)
+        if dicom_seg else None
+    )  # fmt: skip
     # the folder holds this run's outputs only: the previous predict's go first, and the ids
     # are recorded before any mask is written, so an interrupted run is cleared by the next
     clear_previous(previous)
@@ -313,6 +352,8 @@ def _predict_locked(
         kaggle_csv=plan.kaggle_csv,
         kaggle_ids=kaggle_ids,
         overlays=overlays,
+        overlay_style=overlay_style,
+        dicom_seg=algorithm,
         progress=progress,
         console=console,
     )

@@ -203,17 +203,20 @@ class Predictor:
         return out
 
     def file_probs(
-        self, entries: Sequence[tuple[str, Path]], *, keep_image: bool = False
+        self, entries: Sequence[tuple[str, Path]], *, keep_image: bool = False,
+        keep_header: bool = False,
     ) -> Iterator[tuple[Item, np.ndarray | None]]:
         """Yield ``(item, probs)`` in input order for ``(id, path)`` entries: ``probs`` a
         float32 (S, S) array, or ``None`` with ``item.error`` set for a file that could not be
-        read. ``keep_image``: also hand back the native image as ``item.image`` (overlays)."""
+        read. ``keep_image``: also hand back the native image as ``item.image`` (overlays);
+        ``keep_header``: a DICOM's header as ``item.header`` (measures, DICOM SEG), from the
+        same read."""
         from torch.utils.data import DataLoader
 
         from ptxseg.data.dataset import ImageDataset, collate_items
 
         loader = DataLoader(
-            ImageDataset(entries, self.size, keep_image=keep_image),
+            ImageDataset(entries, self.size, keep_image=keep_image, keep_header=keep_header),
             batch_size=self.batch_size,
             shuffle=False,
             collate_fn=collate_items,

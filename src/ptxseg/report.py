@@ -71,14 +71,18 @@ def ci_text(metrics: dict[str, Any], section: str, key: str) -> str:
     return f"{ratio_text(float(ci[0]))} - {ratio_text(float(ci[1]))}"
 
 
-def ci_header(metrics: dict[str, Any]) -> str:
-    """The CI column's header, e.g. ``95% CI (bootstrap, 2000 resamples)``."""
+def ci_label(metrics: dict[str, Any]) -> str:
+    """The CI column's short header, e.g. ``95% CI``."""
     cis = metrics.get("confidence_intervals")
-    if not isinstance(cis, dict):
-        return "95% CI"
-    level = cis.get("level", 0.95)
-    n = cis.get("n_resamples")
-    label = f"{100 * float(level):g}% CI"
+    level = cis.get("level", 0.95) if isinstance(cis, dict) else 0.95
+    return f"{100 * float(level):g}% CI"
+
+
+def ci_header(metrics: dict[str, Any]) -> str:
+    """The CI column's header, e.g. ``95% CI (bootstrap over images, 2,000 resamples)``."""
+    cis = metrics.get("confidence_intervals")
+    label = ci_label(metrics)
+    n = cis.get("n_resamples") if isinstance(cis, dict) else None
     return f"{label} (bootstrap over images, {n:,} resamples)" if isinstance(n, int) else label
 
 
@@ -158,8 +162,8 @@ def image_confusion_html(detection: dict[str, Any]) -> str:
 
     neg, pos = tn + fp, fn + tp
     return (
-        f'<table class="cm"><caption>Images ({neg + pos:,}): counts and share of the true '
-        "class<br>(positive: a mask that is not empty)</caption>"
+        f'<table class="cm"><caption>Images ({neg + pos:,}): counts and share of the true class'
+        "<br>(positive: a mask that is not empty)</caption>"
         "<thead><tr><th>true \\ predicted</th><th>negative</th><th>positive</th>"
         "</tr></thead><tbody>"
         f"<tr><th>negative</th>{cell(tn, neg)}{cell(fp, neg)}</tr>"
@@ -175,7 +179,8 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 img{max-width:100%;border:1px solid #eee}.muted{color:#777}code{background:#f4f4f4}
 .warn{color:#8a5300;background:#fff6e0;padding:4px 8px}
 .row{display:flex;flex-wrap:wrap;gap:1.5em;align-items:center}
-table.cm caption{caption-side:top;text-align:left;color:#555;padding-bottom:4px}
+table.cm caption{caption-side:top;text-align:left;color:#555;padding-bottom:4px;
+white-space:nowrap}
 table.cm th{background:#f4f4f4;font-weight:normal}
 """
 

@@ -141,20 +141,23 @@ def library_warnings():
 
 def metrics_table(metrics: dict[str, Any]):
     """A rich table of the metrics (the report's rows), for the terminal; empty columns (no
-    confidence intervals, no notes) are left out."""
+    confidence intervals, no notes) are left out; the intervals' method is the caption."""
     from rich.table import Table
 
-    from ptxseg.report import ci_header, metric_table_rows, non_empty_columns
+    from ptxseg.report import ci_header, ci_label, metric_table_rows, non_empty_columns
 
+    header = ["section", "metric", "value", ci_label(metrics), "note"]
+    rows = [list(r) for r in metric_table_rows(metrics)]
+    keep = non_empty_columns(header, rows)
+    cis = metrics.get("confidence_intervals")
+    seed = cis.get("seed") if isinstance(cis, dict) else None
     table = Table(
         title=(
             f"{metrics['n_images']} images ({metrics['n_positive']} with pneumothorax), "
             f"compared at {metrics.get('compared_at', '?')} resolution"
-        )
+        ),
+        caption=f"{ci_header(metrics)}, seed {seed}" if 3 in keep and seed is not None else None,
     )
-    header = ["section", "metric", "value", ci_header(metrics), "note"]
-    rows = [list(r) for r in metric_table_rows(metrics)]
-    keep = non_empty_columns(header, rows)
     for i in keep:
         table.add_column(header[i], justify="right" if i in (2, 3) else "left",
                          style="dim" if i == 4 else None)

@@ -32,6 +32,7 @@ from ptxseg.evaluate import OUTPUTS as EVALUATE_OUTPUTS
 from ptxseg.evaluate import At
 from ptxseg.hardware import COMPILE_MIN_IMAGES, MAX_INFERENCE_WORKERS
 from ptxseg.onnx_runtime import DEFAULT_TOLERANCE
+from ptxseg.overlays import OverlayStyle
 from ptxseg.postprocess import Mode
 from ptxseg.run import BEST, CONFIG, ONNX, SPLIT, THRESHOLDS, Split
 from ptxseg.tune import Objective
@@ -123,8 +124,8 @@ def evaluate(
                        f"{EVALUATE_OUTPUTS[3]}, ...)"))  # fmt: skip
 
 
-@app.command(help="Predict masks: masks/<id>.png, overlays/<id>.png, results.csv (exit 2 if a "
-                  "file fails).")  # fmt: skip
+@app.command(help="Predict masks: masks/<id>.png, overlays/<id>.png, results.csv with lesion "
+                  "measures, DICOM SEGs with --dicom-seg (exit 2 if a file fails).")  # fmt: skip
 @with_model_options
 def predict(
     run: Annotated[Path, typer.Argument(help=RUN_HELP)],
@@ -169,6 +170,21 @@ def predict(
     overlays: Annotated[
         bool, typer.Option("--overlays/--no-overlays", help="Write overlays/<id>.png.")
     ] = True,
+    overlay_style: Annotated[
+        OverlayStyle,
+        typer.Option(
+            "--overlay-style",
+            help="fill: the predicted region tinted and outlined; outline: outlined only.",
+        ),
+    ] = OverlayStyle.FILL,
+    dicom_seg: Annotated[
+        bool,
+        typer.Option(
+            "--dicom-seg",
+            help="Also write a DICOM Segmentation of each DICOM input: dicom_seg/<id>.dcm "
+            "(for PACS, OHIF, 3D Slicer).",
+        ),
+    ] = False,
     compile: Annotated[
         bool | None,
         typer.Option(
@@ -186,7 +202,7 @@ def predict(
     ] = False,
     model: dict | None = None,
 ) -> None:
-    from ptxseg.image_outputs import MASKS, OVERLAYS
+    from ptxseg.image_outputs import DICOM_SEG, MASKS, OVERLAYS
     from ptxseg.outputs import RESULTS_NAME
     from ptxseg.predict import predict as predict_fn
 
@@ -194,7 +210,8 @@ def predict(
         summary = predict_fn(
             run, inputs, out, thresholds=thresholds, kaggle_csv=kaggle_csv,
             id_maps=id_maps or [], model_path=model_path, workers=workers, overlays=overlays,
-            compile=compile, overwrite=overwrite, progress=True, console=err_console, **model,
+            overlay_style=overlay_style, dicom_seg=dicom_seg, compile=compile,
+            overwrite=overwrite, progress=True, console=err_console, **model,
         )  # fmt: skip
     print_notes(summary.notes)
     ok = summary.n_images - summary.n_errors
@@ -202,7 +219,8 @@ def predict(
         Text(
             f"{ok} image{'s' * (ok != 1)} predicted, {summary.n_positive} with pneumothorax "
             f"({summary.images_per_s:.1f} images/s); wrote {printable(out)}/ ({MASKS}/, "
-            f"{f'{OVERLAYS}/, ' if overlays else ''}{RESULTS_NAME})"
+            f"{f'{OVERLAYS}/, ' if overlays else ''}{f'{DICOM_SEG}/, ' if dicom_seg else ''}"
+            f"{RESULTS_NAME})"
             + (f" and {printable(kaggle_csv)}" if kaggle_csv else "")
         ),
         soft_wrap=True,
@@ -210,7 +228,7 @@ def predict(
     if summary.n_errors:
         fail(
             f"{summary.n_errors} of {summary.n_images} file{'s' * (summary.n_images != 1)} "
-            f"could not be read (see the status column of {out / RESULTS_NAME})"
+            f"failed (see the status column of {out / RESULTS_NAME})"
         )
 
 

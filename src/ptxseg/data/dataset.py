@@ -22,6 +22,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -124,31 +125,40 @@ class Item:
     width: int = 0
     error: str | None = None
     image: np.ndarray | None = None  # the native (H, W) uint8 image, with ``keep_image``
+    header: Any = None  # a DICOM's header (pydicom dataset, no pixel data), with ``keep_header``
 
 
 class ImageDataset(Dataset):
     """The images of ``entries`` (``(id, path)`` pairs) at ``size`` x ``size``.
+
+    ``keep_image``: the native image on each item; ``keep_header``: a DICOM's header too
+    (from the same read: :func:`ptxseg.data.imageio.read_image_header`).
 
     Shape:
         - item: ``(Item, image)``, image ``(1, size, size)`` uint8 (zeros for an unreadable
           file, whose ``Item.error`` says why)
     """
 
-    def __init__(self, entries: Sequence[tuple[str, Path]], size: int, keep_image: bool = False):
+    def __init__(self, entries: Sequence[tuple[str, Path]], size: int, keep_image: bool = False,
+                 keep_header: bool = False):
         self.entries = list(entries)
         self.size = size
         self.keep_image = keep_image
+        self.keep_header = keep_header
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, i: int) -> tuple[Item, torch.Tensor]:
-        from ptxseg.data.imageio import read_image
+        from ptxseg.data.imageio import read_image, read_image_header
 
         ident, path = self.entries[i]
         item = Item(index=i, id=ident, path=str(path))
         try:
-            img = read_image(path)
+            if self.keep_header:
+                img, item.header = read_image_header(path)
+            else:
+                img = read_image(path)
         except PtxsegError as exc:
             item.error = str(exc)
         except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not stop a run

@@ -169,6 +169,8 @@ def _raster_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- DICOM
 
+_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
 
 def _dcmread(path: Path, **kwargs):
     import pydicom
@@ -203,7 +205,7 @@ def _dicom_errors(path: Path) -> Iterator[None]:
 
 
 def _has_pixels(ds) -> bool:
-    return any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    return any(t in ds for t in _PIXEL_TAGS)
 
 
 def _first(value) -> float:
@@ -330,6 +332,26 @@ def read_image(path: str | Path) -> np.ndarray:
         return _read_dicom(path)
     arr, mode = _load_pil(path)
     return _raster_to_uint8(arr, mode)
+
+
+def read_image_header(path: str | Path) -> tuple[np.ndarray, object | None]:
+    """:func:`read_image`, and for a DICOM its header from the same read (a pydicom dataset
+    without its pixel data: small enough to pass between processes), else ``None``. What needs
+    the header (pixel spacing, orientation, a DICOM SEG's references) then reads no file again.
+
+    Raises:
+        DataError: as :func:`read_image`.
+    """
+    path = Path(path)
+    if not is_dicom(path):
+        return read_image(path), None
+    ds = _dcmread(path)
+    with _dicom_errors(path):
+        image = _dicom_to_uint8(path, ds)
+        for tag in _PIXEL_TAGS:
+            if tag in ds:
+                delattr(ds, tag)
+    return image, ds
 
 
 def read_mask_raw(path: str | Path) -> np.ndarray:
