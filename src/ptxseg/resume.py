@@ -41,6 +41,7 @@ RESUMABLE_KEYS = frozenset(
         "train.channels_last",
         "train.log_every",
         "train.deterministic",
+        "train.logger",
     }
 )
 

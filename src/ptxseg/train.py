@@ -60,6 +60,7 @@ from ptxseg.resume import (
     record_resume,
 )
 from ptxseg.run import BEST, LAST, Run
+from ptxseg.tracking import LogConfig, build_loggers, recorded
 from ptxseg.trainer import build_trainer, quiet_lightning, writing
 
 
@@ -75,20 +76,26 @@ def make_loader(cfg: Config, records: Sequence[Record], *, train: bool, device: 
     """A DataLoader of :class:`~ptxseg.data.dataset.SegDataset` (augmented when ``train``).
 
     Workers decode, resize and augment; batches are uint8; pinned memory on CUDA; persistent
-    workers. The training loader shuffles and drops an incomplete last batch.
+    workers. The training loader drops an incomplete last batch and shuffles, or, with
+    ``data.positive_fraction``, draws positive images at that rate
+    (:class:`~ptxseg.data.sampler.PositiveFractionSampler`; under DDP Lightning wraps it in its
+    distributed sampler wrapper, which shards each epoch's draw).
     """
     from ptxseg.augment import train_augmenter
     from ptxseg.data.dataset import SegDataset, worker_init
+    from ptxseg.data.sampler import sampler_for
 
     augment = train_augmenter(cfg.augment, cfg.train.seed) if train else None
     dataset = SegDataset(records, cfg.data.size, augment)
     processes = hardware.device_count(cfg.train.devices, device)
     workers = hardware.training_workers(cfg.data.workers, processes)
     bs = cfg.train.batch_size
+    sampler = sampler_for(records, cfg.data.positive_fraction, cfg.train.seed) if train else None
     return DataLoader(
         dataset,
         batch_size=bs,
-        shuffle=train,
+        sampler=sampler,
+        shuffle=train and sampler is None,
         drop_last=train and len(dataset) > bs,
         worker_init_fn=worker_init,
         **hardware.loader_kwargs(device, workers, persistent=True),
@@ -246,6 +253,9 @@ def prepare(
         module = build_module(
             cfg, pretrained=last is None, init_state=init_state, normalization=normalization
         )
+        # the experiment loggers too: a missing package is refused before any file is written
+        loggers = build_loggers(cfg, out, resume=resume)
+        log_config = LogConfig(cfg, resume=resume and recorded(cfg, out))
     module.warn_no_positive = module_warns
     module.restart_schedule = plan is not None and plan.extend_from is not None
     training.module = module
@@ -290,7 +300,8 @@ def prepare(
                 make_loader(cfg, val_recs, train=False, device=device),
             )
             training.trainer = build_trainer(
-                cfg, out, progress=progress, restart_patience=module.restart_schedule
+                cfg, out, progress=progress, restart_patience=module.restart_schedule,
+                loggers=loggers, callbacks=[log_config],
             )
     return training
 
