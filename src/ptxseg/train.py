@@ -34,7 +34,7 @@ import shutil
 import signal
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 
 from ptxseg import hardware
 from ptxseg.config import Config, save_config
+from ptxseg.data.folds import SplitFile
 from ptxseg.data.inspect import non_binary_masks
 from ptxseg.data.records import Record
 from ptxseg.data.split import partition
@@ -150,6 +151,7 @@ class Training:
     loaders: tuple[DataLoader, DataLoader] | None = None
     fresh: bool = False  # a new folder: removed again when training fails before a checkpoint
     rank: int = 0
+    resume_command: str | None = None  # what an interrupted run says to type to continue
 
     def train(self) -> Path:
         """Train (nothing when the resumed run has finished); returns the run folder."""
@@ -179,20 +181,31 @@ class Training:
                 shutil.rmtree(out, ignore_errors=True)
             if isinstance(exc, KeyboardInterrupt) and self.rank == 0:
                 raise TrainingInterrupted(
-                    interrupted_message(out, self.data, self.cfg.train.epochs, removed)
+                    interrupted_message(out, self.data, self.cfg.train.epochs, removed,
+                                        command=self.resume_command)  # fmt: skip
                 ) from None
             raise
 
 
 def prepare(
-    cfg: Config, data: str | Path, out: str | Path, resume: bool = False, *, progress: bool = True
+    cfg: Config,
+    data: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    *,
+    progress: bool = True,
+    split: SplitFile | Mapping[str, str] | None = None,
+    resume_command: str | None = None,
 ) -> Training:
     """Everything before the first training step: the resume check, the dataset and its
     split, the model (encoder weights or ``model.init_from``), the run's first files and the
     trainer. See :func:`fit` for the arguments.
 
     ``progress``: plain progress lines (each stage) where stderr is not a terminal.
+    ``resume_command``: what an interrupted run says to type to continue (default: ``ptxseg
+    train --data DATA --out OUT --resume``).
     """
+    from ptxseg.data.folds import given_split
     from ptxseg.data.siim import rle_csv_used
     from ptxseg.data.sources import load_records
     from ptxseg.data.split import make_split, read_split, write_split
@@ -204,7 +217,7 @@ def prepare(
         log_line if progress and rank == 0 and not stderr_is_terminal() else lambda _text: None
     )
     plan = plan_resume(cfg, out) if resume else None
-    training = Training(cfg, data, run, plan, rank=rank)
+    training = Training(cfg, data, run, plan, rank=rank, resume_command=resume_command)
     if plan is not None and plan.finished:
         if rank == 0:
             warnings.warn(plan.finished, UserWarning, stacklevel=2)
@@ -218,6 +231,8 @@ def prepare(
     used_split = run.split_path if resume and (not restart or run.split_path.is_file()) else None
     if used_split is not None:
         assignment = read_split(used_split)
+    elif split is not None:
+        assignment = given_split(split, records)
     else:
         assignment = make_split(records, cfg.data.val_fraction, cfg.train.seed)
     train_recs, val_recs = partition(records, assignment, used_split, cfg.data.val_fraction)
@@ -307,7 +322,13 @@ def prepare(
 
 
 def fit(
-    cfg: Config, data: str | Path, out: str | Path, resume: bool = False, *, progress: bool = True
+    cfg: Config,
+    data: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    *,
+    progress: bool = True,
+    split: SplitFile | Mapping[str, str] | None = None,
 ) -> Path:
     """Train the model of ``cfg`` on the dataset ``data``; write the run into ``out``.
 
@@ -323,6 +344,10 @@ def fit(
             its own config and split, with a warning.
         progress: a rich progress bar where stderr is a terminal, else plain lines (each
             stage, one per epoch) for logs.
+        split: the train/val side of every image instead of the seeded split
+            (``data.val_fraction``, ``train.seed``): a ``--split-file`` with ``id,split``
+            columns (:func:`ptxseg.data.folds.read_split_file`) or a mapping id -> ``"train"``
+            / ``"val"`` (a fold of a CV, :mod:`ptxseg.cv`); a resumed run keeps its own.
 
     Returns:
         ``out``.
@@ -333,7 +358,7 @@ def fit(
             TrainingError: the loss became NaN; TrainingInterrupted: Ctrl-C (the message
             says where the run stands and how to resume).
     """
-    return prepare(cfg, data, out, resume, progress=progress).train()
+    return prepare(cfg, data, out, resume, progress=progress, split=split).train()
 
 
 def _announcement(
