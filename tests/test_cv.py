@@ -1,4 +1,5 @@
-"""Cross-validation: cv.json manifest, out-of-fold tuning, ensemble averaging."""
+"""Cross-validation: cv.json manifest, out-of-fold tuning, ensemble averaging (the
+Predictor's members)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,15 @@ from ptxseg import __version__
 from ptxseg.cv import (
     MANIFEST,
     CVManifest,
-    Ensemble,
+    create_manifest,
     fold_name,
     is_cv_dir,
-    mean_probs,
-    pool_grid_stats,
     read_manifest,
-    tune_out_of_fold,
     write_manifest,
 )
-from ptxseg.errors import RunDirError
-from ptxseg.tune import GridStats, search
+from ptxseg.errors import ConfigError, RunDirError
+from ptxseg.predictor import Member, Predictor, TorchModel
+from ptxseg.tune import GridStats, pool_grid_stats, search
 
 # ---------------------------------------------------------------------------------------------
 # manifest
@@ -157,7 +156,7 @@ def test_out_of_fold_tune_equals_a_direct_computation():
         [[_reference_pooled_iou(all_maps, all_masks, t, a) for a in AREAS] for t in THRESHOLDS]
     )
     i, j = np.unravel_index(int(np.argmax(expected)), expected.shape)  # first on ties
-    result = tune_out_of_fold(per_fold, objective="iou", size=64)
+    result = search(pool_grid_stats(per_fold), objective="iou", size=64)
     assert (result.params.binary_threshold, result.params.removal_area) == (THRESHOLDS[i], AREAS[j])
     assert result.score == pytest.approx(expected[i, j], abs=1e-12)
     got = {(t, a): s for t, a, s in result.rows}
@@ -170,8 +169,6 @@ def test_out_of_fold_tune_equals_a_direct_computation():
     assert not np.allclose(mean_scores, [r[2] for r in result.rows])
     pooled = pool_grid_stats(per_fold)
     assert len(pooled) == 12 and pooled.true_area == [int(g.sum()) for g in all_masks]
-    # the triplet search runs on the same pooled statistics
-    assert tune_out_of_fold(per_fold, mode="triplet").rows == search(pooled, mode="triplet").rows
 
 
 def test_pooling_refuses_other_grids():
@@ -184,24 +181,6 @@ def test_pooling_refuses_other_grids():
 
 # ---------------------------------------------------------------------------------------------
 # ensembles
-
-
-def test_mean_probs_numpy_and_torch():
-    rng = np.random.default_rng(0)
-    maps = [rng.random((2, 8, 8)).astype(np.float32) for _ in range(3)]
-    expected = (maps[0].astype(np.float64) + maps[1] + maps[2]) / 3
-    got = mean_probs(maps)
-    assert got.dtype == np.float32 and got.shape == (2, 8, 8)
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
-    got_t = mean_probs([torch.from_numpy(m) for m in maps])
-    assert isinstance(got_t, torch.Tensor) and got_t.dtype == torch.float32
-    np.testing.assert_allclose(got_t.numpy(), expected, rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="differ in shape"):
-        mean_probs([maps[0], maps[1][:1]])
-    with pytest.raises(ValueError, match="at least one member"):
-        mean_probs([])
-    with pytest.raises(ValueError, match="mix numpy arrays and torch tensors"):
-        mean_probs([maps[0], torch.from_numpy(maps[1])])
 
 
 class _Tiny(torch.nn.Module):
@@ -231,22 +210,26 @@ def _direct(model, x, hflip):
 
 @pytest.mark.parametrize("tta", ["none", "hflip"])
 def test_ensemble_probabilities_are_the_mean_of_the_members(tta):
+    """The Predictor's members averaged: equal to the mean of the members' probabilities
+    computed directly (each with its own flip TTA before the average)."""
     models = [_Tiny(s).eval() for s in (1, 2, 3)]
     x = np.random.default_rng(5).integers(0, 256, (2, 1, 16, 16), dtype=np.uint8)
-    ens = Ensemble(models, names=["fold-0", "fold-1", "fold-2"])
-    got = ens.probs(x, tta)
-    members = [_direct(m, x, tta == "hflip") for m in models]
+    paths = [f"fold-{i}/best.ckpt" for i in range(3)]
+    members = [Member(TorchModel(m), 16, path=p) for m, p in zip(models, paths, strict=True)]
+    ens = Predictor(members, tta=tta, workers=0)
+    got = ens.batch_probs(x)
+    each = [_direct(m, x, tta == "hflip") for m in models]
     assert got.shape == (2, 16, 16) and got.dtype == np.float32
-    np.testing.assert_allclose(got, np.mean(members, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, np.mean(each, axis=0), rtol=1e-5, atol=1e-6)
     # the members really differ (an ensemble of equal maps would prove nothing)
-    assert np.abs(members[0] - members[1]).max() > 0.05
-    assert ens.describe() == {"members": ["fold-0", "fold-1", "fold-2"],
-                              "combine": "mean probability"}
+    assert np.abs(each[0] - each[1]).max() > 0.05
+    assert ens.record() == {"members": paths, "combine": "mean probability"}
+    assert Predictor(members[:1]).record() == {"members": paths[:1], "combine": "single model"}
 
 
-def test_ensemble_of_backends_and_nested_ensembles():
+def test_ensemble_of_other_backends_and_sizes():
     class Fixed:
-        device = torch.device("cpu")
+        device = "cpu"
 
         def __init__(self, value):
             self.value = value
@@ -257,12 +240,21 @@ def test_ensemble_of_backends_and_nested_ensembles():
             return np.full((x.shape[0], 4, 4), self.value, np.float32)
 
     a, b, c = Fixed(0.2), Fixed(0.6), Fixed(0.7)
-    inner = Ensemble([a, b])
-    outer = Ensemble([inner, c])
+    ens = Predictor([Member(a, 4), Member(b, 4), Member(c, 4)], tta="hflip", workers=0)
     x = np.zeros((3, 1, 4, 4), np.uint8)
-    np.testing.assert_allclose(outer.probs(x, "hflip"), np.full((3, 4, 4), (0.4 + 0.7) / 2),
-                               rtol=1e-6)
+    np.testing.assert_allclose(ens.batch_probs(x), np.full((3, 4, 4), 0.5), rtol=1e-6)
     assert a.calls == b.calls == c.calls == ["hflip"]  # each member applies the TTA itself
-    assert len(outer) == 2 and outer.names == ["member-0", "member-1"]
-    with pytest.raises(ValueError, match="2 names for 1 members"):
-        Ensemble([a], names=["x", "y"])
+    with pytest.raises(ConfigError) as exc:
+        Predictor([Member(a, 4, path="A/best.ckpt"), Member(b, 8, path="B/best.ckpt")])
+    assert str(exc.value) == (
+        "ensemble members take different input sizes (A/best.ckpt 4 px, B/best.ckpt 8 px); an "
+        "ensemble averages maps of one size"
+    )
+
+
+def test_create_manifest_keeps_the_first_one(tmp_path):
+    first = _manifest()
+    other = CVManifest(k=2, seed=1, assignment={"a": 0, "b": 1})
+    assert create_manifest(tmp_path, first) == first
+    assert create_manifest(tmp_path, other) == first  # the second process reads the first's
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST]

@@ -111,3 +111,37 @@ def test_ddp_sharding_through_lightnings_wrapper():
         # the two ranks together: the epoch's draw (plus the one index DDP pads with)
         assert sum(both.values()) == 102
         assert not Counter(draw) - both and sum((both - Counter(draw)).values()) == 1
+
+
+def test_the_training_loader_draws_positives_at_the_configured_rate(tmp_path, synth_data):
+    """Through train.prepare: the training loader's index stream (the batches it yields) is the
+    sampler's draw, positives at data.positive_fraction; without it, a plain shuffle at the
+    natural rate. The validation loader is never resampled."""
+    from ptxseg.train import prepare
+    from tests.conftest import tiny_config
+
+    def positives(loader, epochs):
+        labels = [bool(r.has_pneumothorax) for r in loader.dataset.records]
+        n = pos = 0
+        for epoch in range(epochs):
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(epoch)  # what Lightning does before each epoch
+            for batch in loader.batch_sampler:
+                n += len(batch)
+                pos += sum(labels[i] for i in batch)
+        return n, pos, labels
+
+    cfg = tiny_config(**{"data.positive_fraction": 0.8, "train.seed": 3})
+    training = prepare(cfg, synth_data, tmp_path / "a", progress=False)
+    train_loader, val_loader = training.loaders
+    sampler = train_loader.sampler
+    assert isinstance(sampler, PositiveFractionSampler)
+    assert (sampler.fraction, sampler.seed) == (0.8, 3)
+    n, pos, labels = positives(train_loader, 200)
+    assert 0.3 < sum(labels) / len(labels) < 0.7  # the natural rate is far from 0.8
+    assert n == 200 * (len(labels) // 4 * 4) and _within_binomial(pos, n, 0.8)
+    assert not isinstance(val_loader.sampler, PositiveFractionSampler)
+    plain = prepare(tiny_config(), synth_data, tmp_path / "b", progress=False).loaders[0]
+    assert not isinstance(plain.sampler, PositiveFractionSampler)
+    n, pos, labels = positives(plain, 20)
+    assert pos / n == pytest.approx(sum(labels) / len(labels), abs=0.1)

@@ -178,6 +178,14 @@ def test_every_readme_command_runs(sandbox, sample_dir, monkeypatch):
     assert (sandbox / "runs/siim-dicom/best.ckpt").exists()
     assert (sandbox / "demo-small/report.html").exists()
     assert (sandbox / "effb4-imagenet.pth").stat().st_size > 1_000_000
+    # cross-validation and ensembles
+    cv = sandbox / "runs/siim-cv"
+    assert sorted(p.name for p in cv.glob("fold-*/best.ckpt")) == ["best.ckpt"] * 3
+    assert json.loads((cv / "thresholds.json").read_text())["out_of_fold"]["k"] == 3
+    assert len(json.loads((cv / "eval-ptx498/metrics.json").read_text())["members"]) == 3
+    assert len(list((sandbox / "predictions-cv/probs").glob("*.npy"))) == 3
+    two = json.loads((sandbox / "predictions-two/predict.json").read_text())
+    assert two["combine"] == "mean probability" and len(two["members"]) == 2
 
 
 def _output_paths(command: str) -> list[str]:

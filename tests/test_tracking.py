@@ -122,3 +122,57 @@ def test_logger_key_is_validated_and_hyperparameters_are_flat():
     params = hyperparameters(load_config("paper", ["optim.lr=3e-4"]))
     assert params["optim.lr"] == 3e-4 and params["model.encoder"] == "efficientnet-b4"
     assert all("." in k and not isinstance(v, dict) for k, v in params.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# through training: the files appear in the run folder, with the run's own epoch metrics
+
+
+def _val_iou_rows(run):
+    from ptxseg.plots import read_metrics
+    from ptxseg.run import Run
+
+    return [r["val_iou"] for r in read_metrics(Run(run).metrics_path)]
+
+
+def test_a_training_run_writes_tensorboard_files_and_the_logger_may_change_on_resume(
+    tmp_path, synth_data
+):
+    """A csv run resumed (extended) with train.logger=tensorboard: the key is resumable, and the
+    event files hold the epoch the resume trained, equal to metrics.csv."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ptxseg.train import fit
+    from tests.conftest import tiny_config
+
+    run = tmp_path / "run"
+    fit(tiny_config(**{"train.epochs": 1}), synth_data, run, progress=False)
+    assert not (run / "tensorboard").exists() and not (run / "mlflow.db").exists()
+    cfg = tiny_config(**{"train.epochs": 2, "train.logger": "tensorboard"})
+    fit(cfg, synth_data, run, resume=True, progress=False)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    logged = [e.value for e in acc.Scalars("val_iou")]
+    assert logged == pytest.approx(_val_iou_rows(run)[1:], abs=1e-6)
+    assert "train.logger: tensorboard" in (run / "tensorboard" / "hparams.yaml").read_text()
+
+
+def test_a_training_run_writes_an_mlflow_store_continued_on_resume(tmp_path, synth_data):
+    from ptxseg.train import fit
+    from tests.conftest import tiny_config
+
+    run = tmp_path / "run"
+    fit(tiny_config(**{"train.epochs": 1, "train.logger": "mlflow"}), synth_data, run,
+        progress=False)  # fmt: skip
+    fit(tiny_config(**{"train.epochs": 2, "train.logger": "mlflow"}), synth_data, run,
+        resume=True, progress=False)  # fmt: skip
+    with closing(sqlite3.connect(run / "mlflow.db")) as con:
+        (run_id,) = [r[0] for r in con.execute("SELECT run_uuid FROM runs")]
+        values = [v for (v,) in con.execute(
+            "SELECT value FROM metrics WHERE key = 'val_iou' ORDER BY step")]  # fmt: skip
+        params = dict(con.execute("SELECT key, value FROM params WHERE run_uuid = ?",
+                                  (run_id,)).fetchall())
+    assert values == pytest.approx(_val_iou_rows(run), abs=1e-6) and len(values) == 2
+    assert params["train.epochs"] == "1"  # the first start's parameters stand
+    assert params["model.encoder"] == "efficientnet-b0"

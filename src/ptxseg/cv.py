@@ -1,9 +1,10 @@
-"""Cross-validation: the CV folder's manifest, out-of-fold tuning and fold ensembles.
+"""The cross-validation folder: its manifest ``cv.json`` and its fold run folders.
 
-A CV folder (``ptxseg train --folds K --out CV``) holds one ordinary run folder per fold
-(``CV/fold-0`` ... ``CV/fold-K-1``, :func:`fold_name`) and the manifest ``CV/cv.json``
-(:class:`CVManifest`, written by :func:`write_manifest` atomically, read and checked by
-:func:`read_manifest`)::
+A CV folder (``ptxseg train --folds K --out CV``, :mod:`ptxseg.train_cv`) holds one ordinary
+run folder per fold (``CV/fold-0`` ... ``CV/fold-K-1``, :func:`fold_name`) and the manifest
+``CV/cv.json`` (:class:`CVManifest`, written by :func:`write_manifest` atomically or by
+:func:`create_manifest` once among processes that start folds side by side, read and checked
+by :func:`read_manifest`)::
 
     {
       "format": "ptxseg-cv",
@@ -19,33 +20,25 @@ A CV folder (``ptxseg train --folds K --out CV``) holds one ordinary run folder 
 Fold ``i``'s run validates on the images whose fold is ``i`` and trains on the others
 (:meth:`CVManifest.split`, the same assignment its ``split.csv`` holds).
 
-Out-of-fold tuning (:func:`pool_grid_stats`, :func:`tune_out_of_fold`): each fold's model
-predicts its own validation images only, so every image is predicted exactly once, by the
-model that did not train on it; the per-fold grid statistics
-(:class:`~ptxseg.tune.GridStats`) are pooled (concatenated over images) and searched as one
-set with :func:`ptxseg.tune.search`: the chosen rule is the best pooled IoU (or mean per-image
-Dice) over all the training images, not over one small split.
-
-Ensembles (:func:`mean_probs`, :class:`Ensemble`): the members' probability maps averaged
-pixel by pixel (the mean probability), each member's own test-time augmentation applied
-before averaging; any list of models of the same input size can be ensembled.
+The later stages take the CV folder where they take a run folder: ``ptxseg tune CV`` chooses
+the post-processing on the out-of-fold predictions (:func:`ptxseg.tune.tune_cv`) and writes
+``CV/thresholds.json``; ``ptxseg evaluate CV`` and ``ptxseg predict CV`` run the trained folds
+(:func:`trained_folds`) as one ensemble (:class:`ptxseg.predictor.Predictor`: the mean
+probability). This module imports neither torch nor the model.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
-import torch
-
 from ptxseg import __version__
 from ptxseg.errors import RunDirError
 from ptxseg.fileio import read_text, write_json
-from ptxseg.tune import GridStats, TuneResult, search
+from ptxseg.run import BEST, Run
 
 MANIFEST = "cv.json"
 FORMAT = "ptxseg-cv"
@@ -201,123 +194,44 @@ def is_cv_dir(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-# ---------------------------------------------------------------------------------------------
-# out-of-fold tuning
+def create_manifest(cv_dir: str | Path, manifest: CVManifest) -> CVManifest:
+    """Write ``cv_dir/cv.json`` unless it exists; returns the manifest the folder holds.
+
+    Folds started side by side (``--fold I`` on several machines sharing the folder) may
+    each try to create it: the complete file is hard-linked into place, so exactly one wins
+    and the others read the winner's (the caller compares it with what it wanted).
+    """
+    path = Path(cv_dir) / MANIFEST
+    data = manifest.to_dict()
+    _check(data, path)
+    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.new")
+    write_json(tmp, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: a plain atomic rename
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return read_manifest(cv_dir)
 
 
-def pool_grid_stats(per_fold: Sequence[GridStats]) -> GridStats:
-    """One :class:`~ptxseg.tune.GridStats` of all the folds' images: each fold's statistics
-    (its model on its own validation images) concatenated, fold after fold.
+def trained_folds(cv_dir: str | Path) -> tuple[CVManifest, list[Run]]:
+    """The manifest and the run folder of every fold, each trained (a best checkpoint or an
+    ONNX export).
 
     Raises:
-        ValueError: no folds, or folds tuned on different grids.
+        RunDirError: not a CV folder, or a fold not trained yet (naming the command that
+            trains it).
     """
-    if not per_fold:
-        raise ValueError("no folds to pool")
-    first = per_fold[0]
-    pooled = GridStats(thresholds=tuple(first.thresholds), areas=tuple(first.areas))
-    for i, stats in enumerate(per_fold):
-        if tuple(stats.thresholds) != pooled.thresholds or tuple(stats.areas) != pooled.areas:
-            raise ValueError(f"fold {i} was counted on another grid than fold 0")
-        pooled.pred.extend(stats.pred)
-        pooled.tp.extend(stats.tp)
-        pooled.true_area.extend(stats.true_area)
-    return pooled
-
-
-def tune_out_of_fold(
-    per_fold: Sequence[GridStats],
-    *,
-    mode: str = "pixel",
-    objective: str = "iou",
-    size: int | None = None,
-) -> TuneResult:
-    """The post-processing rule chosen on the out-of-fold predictions:
-    :func:`ptxseg.tune.search` over :func:`pool_grid_stats` of the folds."""
-    return search(pool_grid_stats(per_fold), mode=mode, objective=objective, size=size)
-
-
-# ---------------------------------------------------------------------------------------------
-# ensembles
-
-
-def mean_probs(maps: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray | torch.Tensor:
-    """The ensemble's probabilities: the members' maps averaged pixel by pixel (float32).
-
-    Args:
-        maps: one probability map (or batch of maps) per member, all of one shape and all
-            numpy arrays or all torch tensors.
-
-    Shape:
-        - each map: any, e.g. ``(B, S, S)``
-        - returns the same shape, float32 (numpy in, numpy out; torch in, torch out)
-
-    Raises:
-        ValueError: no maps, maps of different shapes, or a mix of numpy and torch.
-    """
-    if not maps:
-        raise ValueError("an ensemble needs at least one member")
-    shapes = {tuple(m.shape) for m in maps}
-    if len(shapes) != 1:
-        raise ValueError(f"members' probability maps differ in shape: {sorted(shapes)}")
-    if all(isinstance(m, torch.Tensor) for m in maps):
-        total = torch.zeros_like(maps[0], dtype=torch.float32)
-        for m in maps:
-            total += m.to(torch.float32)
-        return total / len(maps)
-    if any(isinstance(m, torch.Tensor) for m in maps):
-        raise ValueError("members' probability maps mix numpy arrays and torch tensors")
-    total_np = np.zeros(maps[0].shape, np.float32)
-    for m in maps:
-        total_np += np.asarray(m, np.float32)
-    return total_np / np.float32(len(maps))
-
-
-def _member_probs(member: Any, x: np.ndarray, tta: str) -> np.ndarray:
-    if isinstance(member, torch.nn.Module):
-        from ptxseg.predictor import TorchModel
-
-        device = next(member.parameters()).device.type
-        return TorchModel(member, device).probs(x, tta)
-    return member.probs(x, tta)
-
-
-class Ensemble:
-    """Several models predicting as one: a :class:`~ptxseg.predictor.Member` backend whose
-    probabilities are :func:`mean_probs` of its members', each member applying ``tta`` itself
-    before the average.
-
-    Args:
-        members: torch models (run with :class:`ptxseg.predictor.TorchModel`) or objects with
-            ``probs(x, tta)`` (an ONNX backend, another ensemble...), all of one input size.
-        names: what each member is (its run folder), for the outputs that list the members.
-
-    Shape:
-        - x: ``(B, 1, S, S)`` uint8
-        - returns ``(B, S, S)`` float32
-    """
-
-    def __init__(self, members: Sequence[Any], names: Sequence[str] | None = None):
-        if not members:
-            raise ValueError("an ensemble needs at least one member")
-        if names is not None and len(names) != len(members):
-            raise ValueError(f"{len(names)} names for {len(members)} members")
-        self.members = list(members)
-        default = [f"member-{i}" for i in range(len(members))]
-        self.names = list(names) if names is not None else default
-        first = self.members[0]
-        if isinstance(first, torch.nn.Module):
-            self.device = next(first.parameters()).device
-        else:
-            self.device = torch.device(getattr(first, "device", "cpu"))
-
-    def __len__(self) -> int:
-        return len(self.members)
-
-    def probs(self, x: np.ndarray, tta: str = "none") -> np.ndarray:
-        return mean_probs([_member_probs(m, x, tta) for m in self.members])
-
-    def describe(self) -> dict[str, Any]:
-        """What metrics.json and results record about the ensemble: members and the rule."""
-        return {"members": list(self.names), "combine": "mean probability"}
-
+    manifest = read_manifest(cv_dir)
+    runs = [Run(manifest.fold_dir(cv_dir, i)) for i in range(manifest.k)]
+    for i, run in enumerate(runs):
+        if not (run.checkpoint().is_file() or run.onnx_path.is_file()):
+            raise RunDirError(
+                f"{run.path}: fold {i} of {cv_dir} is not trained (no {BEST}); train it with "
+                f"ptxseg train --data DATA --out {cv_dir} --fold {i}"
+            )
+    return manifest, runs

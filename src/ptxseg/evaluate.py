@@ -225,13 +225,18 @@ def evaluate_run(
     rle: str | Path | None = None,
     backend: str = "torch",
     device: str = "auto",
+    models: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Evaluate a run on a dataset and write every output (:data:`OUTPUTS`) into ``out``.
 
     Args:
         run: run folder (its checkpoint, or its ONNX export with ``backend="onnx"``; its
             thresholds unless ``thresholds`` is given; its epoch metrics are plotted in the
-            report when present).
+            report when present), or a CV folder (its folds as one ensemble, its
+            out-of-fold thresholds).
+        models: run folders, CV folders, checkpoints or ONNX files to run instead of
+            ``run``'s model, as one ensemble (``--model``, repeatable; ``run`` then gives the
+            thresholds). ``metrics.json`` lists the ``members`` and how they ``combine``.
         data: dataset folder, any layout.
         out: output folder (created).
         thresholds: a thresholds file (must exist); default: :meth:`ptxseg.run.Run.thresholds`.
@@ -250,23 +255,31 @@ def evaluate_run(
         UserWarning: no thresholds file (the default rule is used); ``split="all"`` includes
             images of the run's training split.
     """
+    from ptxseg.cv import is_cv_dir
     from ptxseg.predictor import Predictor
 
     out = Path(out)
     at, split = At.parse(at, "--at"), Split.parse(split, "--split")
     run = Run.open(run)
+    if split is not Split.ALL and is_cv_dir(run.path):
+        raise PtxsegError(
+            f"{run.path}: --split {split} of a CV folder: each fold validated on other images "
+            "(its out-of-fold score: ptxseg tune CV); evaluate one fold (CV/fold-I) with "
+            "--split val, or the ensemble on data no fold trained on"
+        )
     predictor = Predictor.from_run(
-        run, backend=backend, device=device, tta=tta, batch_size=batch_size
-    )
+        run, backend=backend, model=list(models) or None, device=device, tta=tta,
+        batch_size=batch_size,
+    )  # fmt: skip
     records, root, used_layout = run.records(data, layout, split, rle)
     rule = run.thresholds(thresholds, predictor.size)
-    n_train_ids = run.count_train_ids(records)
+    n_train_ids, splits = _train_ids(predictor, records)
     if split is Split.ALL and n_train_ids:
         warnings.warn(
-            f"{n_train_ids} of the {len(records)} images have the ids of the run's training "
-            f"images ({run.split_path}): if they are the same images, their metrics are "
+            f"{n_train_ids} of the {len(records)} images have the ids of {splits}: if they "
+            "are the same images, their metrics are "
             "optimistic; evaluate with --split val for the validation images only, or on data "
-            "the run never saw",
+            "the model never saw",
             UserWarning,
             stacklevel=2,
         )
@@ -299,13 +312,33 @@ def evaluate_run(
         "n_train_ids": n_train_ids,
         "data": str(root),
         "layout": used_layout,
-        "checkpoint": predictor.members[0].path.name,
+        "checkpoint": predictor.members[0].path.name if len(predictor.members) == 1 else None,
+        **predictor.record(),
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / METRICS_JSON, metrics)
     write_text(out / PER_IMAGE_CSV, per_image_csv(stats, measures))
     _write_report(out, run, predictor, records, stats, geometries, metrics, rule, at, n_overlay)
     return metrics
+
+
+def _train_ids(predictor: Predictor, records: Sequence[Record]) -> tuple[int | None, str]:
+    """How many of ``records`` are training images of a member's run (its ``split.csv``;
+    ``None`` when no member's run has one), and whose training images they are."""
+    runs = {m.run.path: m.run for m in predictor.members
+            if m.run is not None and m.run.split_path.is_file()}  # fmt: skip
+    if not runs:
+        return None, ""
+    train: set[str] = set()
+    for member_run in runs.values():
+        train |= {i for i, side in member_run.split().items() if side == "train"}
+    paths = [str(r.split_path) for r in runs.values()]
+    if len(paths) == 1:
+        shown = f"the run's training images ({paths[0]})"
+    else:
+        more = f" and {len(paths) - 2} more" if len(paths) > 2 else ""
+        shown = f"the members' training images ({', '.join(paths[:2])}{more})"
+    return sum(1 for r in records if r.id in train), shown
 
 
 def _write_report(out, run, predictor, records, stats, geometries, metrics, rule, at,

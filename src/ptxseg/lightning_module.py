@@ -1,5 +1,6 @@
-"""The paper's training recipe as a LightningModule: BCE + Dice loss, Adam, a cosine LR
-schedule stepped per batch, validation IoU/Dice from pixel counts pooled over the whole
+"""The paper's training recipe as a LightningModule: the configured loss (``loss.name``,
+:func:`ptxseg.losses.build_loss`; BCE + Dice by default), Adam, a cosine LR schedule stepped per
+batch, validation IoU/Dice from pixel counts pooled over the whole
 validation set at probability 0.5 (``logit > 0``).
 
 Speed on a GPU: no host-device sync in the training step except every ``train.log_every``
@@ -22,7 +23,7 @@ from ptxseg import hardware
 from ptxseg.checkpoint import checkpoint_info
 from ptxseg.config import Config
 from ptxseg.errors import PtxsegError
-from ptxseg.losses import BceDiceLoss
+from ptxseg.losses import build_loss
 from ptxseg.metrics import dice_scores, iou_scores
 from ptxseg.model import build_model
 from ptxseg.normalization import Normalization
@@ -70,7 +71,7 @@ class SegModule(L.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.model = build_model(cfg.model, pretrained=pretrained, normalization=normalization)
-        self.loss_fn = BceDiceLoss.from_config(cfg.loss)
+        self.loss_fn = build_loss(cfg.loss)
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)

@@ -32,51 +32,6 @@ from ptxseg.config import LossConfig
 from ptxseg.errors import ConfigError
 
 
-class BceDiceLoss(nn.Module):
-    """``bce_weight * BCEWithLogits + dice_weight * (1 - soft Dice)``.
-
-    BCE is the mean over all pixels of the batch. Soft Dice is computed over the whole batch
-    (sums over every pixel of every image, smp's ``DiceLoss(mode="binary")``): ``1 - 2 sum(p t)
-    / (sum(p) + sum(t))`` with ``p = sigmoid(logits)``; a batch without any positive pixel
-    contributes no Dice term (smp's rule: Dice is undefined there), only BCE.
-
-    Both terms are computed in float32 whatever the autocast dtype of the logits.
-
-    Shape:
-        - logits: ``(B, 1, H, W)`` float
-        - target: ``(B, 1, H, W)`` in {0, 1} (any dtype)
-        - output: scalar
-    """
-
-    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0):
-        super().__init__()
-        self.bce_weight = float(bce_weight)
-        self.dice_weight = float(dice_weight)
-        self.bce = nn.BCEWithLogitsLoss()
-        self.dice = DiceLoss(mode="binary", from_logits=True)
-
-    @classmethod
-    def from_config(cls, cfg: LossConfig) -> BceDiceLoss:
-        """The ``dice_bce`` loss of ``cfg``; any other ``loss.name`` is refused (use
-        :func:`build_loss`, which builds every option)."""
-        if cfg.name != "dice_bce":
-            raise ConfigError(
-                f"loss.name: '{cfg.name}' is not the dice_bce loss (build it with "
-                "ptxseg.losses.build_loss)"
-            )
-        return cls(cfg.bce_weight, cfg.dice_weight)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        target = target.float()
-        loss = logits.new_zeros(())
-        if self.bce_weight:
-            loss = loss + self.bce_weight * self.bce(logits, target)
-        if self.dice_weight:
-            loss = loss + self.dice_weight * self.dice(logits, target)
-        return loss
-
-
 class WeightedLoss(nn.Module):
     """``sum(weight_i * term_i(logits, target))`` in float32; terms of weight 0 are skipped.
 
@@ -99,6 +54,26 @@ class WeightedLoss(nn.Module):
             if weight:
                 loss = loss + weight * term(logits, target)
         return loss
+
+
+class BceDiceLoss(WeightedLoss):
+    """``bce_weight * BCEWithLogits + dice_weight * (1 - soft Dice)``, the paper's loss.
+
+    BCE is the mean over all pixels of the batch. Soft Dice is computed over the whole batch
+    (sums over every pixel of every image, smp's ``DiceLoss(mode="binary")``): ``1 - 2 sum(p t)
+    / (sum(p) + sum(t))`` with ``p = sigmoid(logits)``; a batch without any positive pixel
+    contributes no Dice term (smp's rule: Dice is undefined there), only BCE.
+
+    Both terms are computed in float32 whatever the autocast dtype of the logits.
+
+    Shape:
+        - logits: ``(B, 1, H, W)`` float
+        - target: ``(B, 1, H, W)`` in {0, 1} (any dtype)
+        - output: scalar
+    """
+
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0):
+        super().__init__([(bce_weight, nn.BCEWithLogitsLoss()), (dice_weight, _dice())])
 
 
 def _focal(cfg: LossConfig) -> nn.Module:

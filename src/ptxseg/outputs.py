@@ -30,6 +30,7 @@ RESULTS_NAME = "results.csv"
 PREDICT_JSON = "predict.json"
 LOCK_NAME = ".ptxseg-predict.lock"
 OUTPUT_SUBDIRS = (MASKS, OVERLAYS)
+PROBS = "probs"  # predict --save-probs: probs/<id>.npy
 
 
 def check_output_file(path: Path, option: str, *, create_folder: bool = False) -> None:
@@ -83,15 +84,18 @@ class OutputPlan:
     read_dirs: set[Path]  # resolved input folders (their files are read)
     overwrite: bool = False
     seg_ids: Sequence[str] = ()  # the DICOM inputs of --dicom-seg: dicom_seg/<id>.dcm
+    probs: bool = False  # probability maps too (--save-probs)
 
     def files(self, ids: Sequence[str], overlays: bool) -> list[Path]:
         """The files this run writes inside ``out``."""
         names = [RESULTS_NAME, PREDICT_JSON]
         subs = OUTPUT_SUBDIRS if overlays else OUTPUT_SUBDIRS[:1]
+        probs = [self.out / PROBS / f"{i}.npy" for i in ids] if self.probs else []
         return (
             [self.out / n for n in names]
             + [self.out / sub / f"{i}.png" for sub in subs for i in ids]
             + [seg_path(self.out, i) for i in self.seg_ids]
+            + probs
         )
 
 
@@ -118,6 +122,7 @@ def plan_outputs(
     overlays: bool,
     overwrite: bool,
     seg_ids: Sequence[str] = (),
+    probs: bool = False,
 ) -> OutputPlan:
     """Check every output path before any work (nothing is written here).
 
@@ -131,7 +136,7 @@ def plan_outputs(
     read_files = {resolved(p) for p in read_files}
     read_dirs = {resolved(p) for p in read_dirs}
     check_out_folder(out)
-    plan = OutputPlan(out, kaggle_csv, read_files, read_dirs, overwrite, list(seg_ids))
+    plan = OutputPlan(out, kaggle_csv, read_files, read_dirs, overwrite, list(seg_ids), probs)
     if kaggle_csv is not None:
         kaggle_r = resolved(kaggle_csv)
         in_out = resolved(out) in kaggle_r.parents
@@ -149,7 +154,8 @@ def plan_outputs(
                 "overwrite it"
             )
         if kaggle_r in {resolved(p) for p in plan.files([], overlays=True)} or (
-            any(resolved(out / sub) in kaggle_r.parents for sub in (*OUTPUT_SUBDIRS, DICOM_SEG))
+            any(resolved(out / sub) in kaggle_r.parents
+                for sub in (*OUTPUT_SUBDIRS, DICOM_SEG, PROBS))
         ):
             raise PtxsegError(f"{kaggle_csv}: --kaggle-csv is a file that --out itself receives")
         folder = next((d for d in read_dirs if d in kaggle_r.parents), None)
@@ -205,6 +211,7 @@ def previous_outputs(out: Path) -> Previous | None:
     files |= {out / sub / f"{i}.png" for sub in OUTPUT_SUBDIRS for i in ids}
     if info.get("dicom_seg") is True:
         files |= {seg_path(out, i) for i in ids}
+    files |= {out / PROBS / f"{i}.npy" for i in ids}
     return Previous(files)
 
 

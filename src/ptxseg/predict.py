@@ -12,8 +12,24 @@ SIIM-ACR submission (:mod:`ptxseg.kaggle`).
 Outputs (all written atomically): ``masks/<id>.png``, ``overlays/<id>.png``, with
 ``dicom_seg`` a DICOM SEG ``dicom_seg/<id>.dcm`` per DICOM input, ``results.csv`` (one row per
 input, in input order, with its lesion measures; an unreadable file is a row with its error),
-``predict.json`` (what was run) and with ``kaggle_csv`` a submission (unreadable files have no
-row).
+``predict.json`` (what was run: the model's ``members`` and how they ``combine``), with
+``kaggle_csv`` a submission (unreadable files have no row) and with ``save_probs`` the
+probability maps ``probs/<id>.npy``.
+
+The model is a run folder's, a CV folder's folds or any list of models
+(:meth:`ptxseg.predictor.Predictor.from_run`); several are one ensemble whose probability is the
+mean of theirs.
+
+Probability maps (``save_probs``): what the model gave, before any resize or post-processing,
+so the post-processing can be redone without the model: ``numpy.save`` files of float32 at
+model resolution (``size`` x ``size``, the ``input_size`` of predict.json; an ensemble's mean).
+The mask of predict is then ``binarize(probs_to_native(p, height, width), params,
+area_scale=area_scale(params, height, width))`` with the image's height and width (results.csv)
+and the rule of predict.json's ``thresholds`` (:mod:`ptxseg.postprocess`,
+:func:`ptxseg.data.resize.probs_to_native`): exactly, bit for bit. float32 because anything
+coarser (float16, an 8- or 16-bit PNG) moves pixels across a threshold and so changes masks;
+model resolution because it is what the model computed (the native map is a bilinear resize
+of it) and 16 to 64 times smaller than a native one: 1 MiB at 512 px, 64 KiB at 128 px.
 
 Warnings (an unreadable file, the default rule) are Python warnings, emitted as they happen;
 notes (how folders were read, what was skipped) come back in :class:`PredictSummary`; the
@@ -53,6 +69,7 @@ from ptxseg.image_outputs import (
 from ptxseg.kaggle import KAGGLE_COLUMNS, mapped_kaggle_ids
 from ptxseg.outputs import (
     PREDICT_JSON,
+    PROBS,
     RESULTS_NAME,
     OutputPlan,
     Previous,
@@ -64,7 +81,7 @@ from ptxseg.outputs import (
 )
 from ptxseg.overlays import OverlayStyle
 from ptxseg.postprocess import PostParams
-from ptxseg.predictor import Backend, Predictor
+from ptxseg.predictor import Backend, Predictor, member_sources
 from ptxseg.progress import progress_bar
 from ptxseg.run import Run
 from ptxseg.tta import Tta
@@ -109,6 +126,7 @@ def run_prediction(
     dicom_seg: AlgorithmInfo | None = None,
     progress: bool = True,
     console=None,
+    save_probs: bool = False,
 ) -> tuple[list[tuple[str, str]], int, float]:
     """Predict every input and write the outputs (see the module doc); each failed file (an
     unreadable one, a DICOM without its SEG) is a warning, in input order. ``dicom_seg``: write
@@ -179,11 +197,30 @@ def run_prediction(
                 pending.append(ImageResult(item.id, item.path,
                                            status=f"error: {error_reason(item)}"))
             else:
-                pending.append(pool.submit(finish, item, probs, post))
+                probs_dir = Path(out) / PROBS if save_probs else None
+                pending.append(pool.submit(_finish, item, probs, post, probs_dir))
             drain(max_in_flight)
         drain(0)
         seconds = time.perf_counter() - t0
     return errors, n_positive, seconds
+
+
+def write_probs(path: Path, probs: Any) -> None:
+    """One probability map as a float32 ``.npy`` file, atomically."""
+    import numpy as np
+
+    try:
+        with atomic_open(path, "wb") as fh:
+            np.save(fh, np.asarray(probs, np.float32), allow_pickle=False)
+    except OSError as exc:
+        raise PtxsegError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def _finish(item, probs, post: Post, probs_dir: Path | None) -> ImageResult:
+    """The image's files (:func:`ptxseg.image_outputs.finish`), its probability map first."""
+    if probs_dir is not None:
+        write_probs(probs_dir / f"{item.id}.npy", probs)
+    return finish(item, probs, post)
 
 
 def predict(
@@ -196,7 +233,7 @@ def predict(
     kaggle_csv: str | Path | None = None,
     id_maps: Sequence[str | Path] = (),
     backend: str = "torch",
-    model_path: str | Path | None = None,
+    model_path: str | Path | Sequence[str | Path] | None = None,
     batch_size: int | None = None,
     workers: int | None = None,
     overlays: bool = True,
@@ -207,12 +244,14 @@ def predict(
     overwrite: bool = False,
     progress: bool = True,
     console=None,
+    save_probs: bool = False,
 ) -> PredictSummary:
     """Predict masks for ``inputs`` with the model of ``run`` and write them under ``out``.
 
     Args:
         run: a run folder (its checkpoint, its ONNX export for the onnx backend, its
-            thresholds when tuned); with ``model_path``, any folder (its thresholds).
+            thresholds when tuned), a CV folder (its folds as one ensemble, its out-of-fold
+            thresholds); with ``model_path``, any folder (its thresholds).
         inputs: image files and folders (:func:`ptxseg.data.inputs.collect_inputs`), or what
             that function returned (``exclude=[out]``).
         out: output folder (created; a previous predict's outputs in it are replaced).
@@ -223,11 +262,14 @@ def predict(
         id_maps: SIIM ``stage_1_*_images.csv`` files giving the submission's ImageId of each
             PNG (``new_filename`` -> ``ImageId``); needs ``kaggle_csv``.
         model_path: checkpoint (torch) or ONNX file (onnx) instead of the run's own; a
-            checkpoint alone describes its model.
+            checkpoint alone describes its model. A list (of checkpoints, ONNX files, run
+            folders, CV folders): one ensemble (mean probability).
         overlays: also write overlays/<id>.png, in ``overlay_style`` (``fill``: the region
             tinted and outlined; ``outline``: outlined only).
         dicom_seg: also write a DICOM SEG ``dicom_seg/<id>.dcm`` of each DICOM input (other
             inputs: a note in results.csv).
+        save_probs: also write each image's probability map, ``probs/<id>.npy`` (see the
+            module doc).
         overwrite: replace existing files that no previous predict wrote (:mod:`ptxseg.outputs`).
 
     Returns:
@@ -256,12 +298,9 @@ def predict(
     read_files = [e.path for e in collected.entries] + [Path(m) for m in id_maps]
     read_files += [p for p in collected.sources if p.is_file()]  # manifests
     read_files += [Path(thresholds) if thresholds else run.thresholds_path]
-    if model_path is not None:
-        read_files.append(Path(model_path))
-    elif backend is Backend.ONNX:
-        read_files.append(run.onnx_path)
-    else:
-        read_files += [run.config_path, run.checkpoint()]
+    sources = member_sources(run, model_path, backend)
+    read_files += [path for _, path in sources]
+    read_files += [r.config_path for r, _ in sources if backend is Backend.TORCH]
     plan = plan_outputs(
         out,
         kaggle,
@@ -271,6 +310,7 @@ def predict(
         overlays=overlays,
         overwrite=overwrite,
         seg_ids=[e.id for e in collected.entries if is_dicom(e.path)] if dicom_seg else [],
+        probs=save_probs,
     )
     created = [p for p in (out, *out.parents) if not os.path.lexists(p)]
     try:
@@ -290,6 +330,7 @@ def predict(
                 run, loaded, collected, plan, previous, t0=t0, thresholds=thresholds,
                 kaggle_ids=kaggle_ids, overlays=overlays, overlay_style=overlay_style,
                 dicom_seg=dicom_seg, progress=progress, console=console,
+                save_probs=save_probs,
             )  # fmt: skip
     except BaseException:
         for path in created:  # a new --out that holds nothing yet is removed again
@@ -313,6 +354,7 @@ def _predict_locked(
     dicom_seg: bool,
     progress: bool,
     console,
+    save_probs: bool = False,
 ) -> PredictSummary:
     """:func:`predict` once its outputs are checked, ``plan.out`` is locked and the model is
     loaded."""
@@ -332,7 +374,16 @@ def _predict_locked(
         "thresholds_source": printable(rule.source),
         "overlay_style": str(overlay_style),
         "dicom_seg": dicom_seg,
+        **{k: printable(v) if isinstance(v, str) else [printable(m) for m in v]
+           for k, v in predictor.record().items()},  # fmt: skip
     }
+    if save_probs:
+        record["probs"] = {
+            "folder": PROBS,
+            "format": "float32 .npy (numpy.save), one per image id",
+            "resolution": f"model ({predictor.size} x {predictor.size}), before any resize "
+            "or post-processing",
+        }
     # what identifies the model in every SEG: its file's sha256, computed once per run
     algorithm = (
         seg_algorithm(run.path.name, [m.path for m in predictor.members], predictor.tta,
@@ -356,6 +407,7 @@ def _predict_locked(
         dicom_seg=algorithm,
         progress=progress,
         console=console,
+        save_probs=save_probs,
     )
     seconds = time.perf_counter() - t0
     summary = PredictSummary(

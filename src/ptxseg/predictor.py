@@ -2,10 +2,13 @@
 parity check of export.
 
 A :class:`Predictor` holds one loaded model, or several of the same input size whose
-probabilities it averages (an ensemble), each on the torch or the ONNX Runtime backend
-(:class:`Backend`). The hardware (device, precision, ``torch.compile``, batch size, reading
-workers) is resolved once, by :mod:`ptxseg.hardware`; test-time augmentation by
-:mod:`ptxseg.tta`, the same for both backends. Three ways in:
+probabilities it averages (an ensemble: the mean probability, each member applying the
+test-time augmentation itself before the average), each on the torch or the ONNX Runtime
+backend (:class:`Backend`). :meth:`Predictor.from_run` loads a run folder's model, a CV
+folder's trained folds (:mod:`ptxseg.cv`), or any list of run folders, CV folders,
+checkpoints and ONNX files (:func:`member_sources`). The hardware (device, precision,
+``torch.compile``, batch size, reading workers) is resolved once, by :mod:`ptxseg.hardware`;
+test-time augmentation by :mod:`ptxseg.tta`, the same for both backends. Three ways in:
 
 - :meth:`Predictor.batch_probs`: a uint8 batch already at model size (a service that batches
   requests itself);
@@ -78,6 +81,50 @@ class Member:
     size: int
     path: Path | None = None
     description: str = ""
+    run: Run | None = None  # the run folder it was loaded from (its split: its training ids)
+
+
+Models = str | Path | Sequence[str | Path] | None
+
+
+def member_sources(
+    run: Run, models: Models = None, backend: str | Backend = Backend.TORCH, which: str = "best"
+) -> list[tuple[Run, Path]]:
+    """The ``(run folder, model file)`` of each member a predictor loads.
+
+    Without ``models``: ``run``'s own model (its ``best.ckpt``, ``last`` with ``which``, or
+    its ``model.onnx``), or, for a CV folder, each trained fold's. With ``models`` (one or a
+    list): each a run folder (its model), a CV folder (its folds') or a checkpoint / ONNX file
+    (``run``'s config read only for a checkpoint that does not describe itself).
+
+    Raises:
+        RunDirError: a fold not trained, or a model listed twice.
+    """
+    from ptxseg.cv import is_cv_dir, trained_folds
+    from ptxseg.errors import RunDirError
+
+    backend = Backend.parse(backend, "--backend")
+    if models is None or isinstance(models, (str, Path)):
+        models = [] if models is None else [models]
+    items = [Path(m) for m in models] or [run.path]
+    out: list[tuple[Run, Path]] = []
+    for item in items:
+        if is_cv_dir(item):
+            runs = trained_folds(item)[1]
+        elif item.is_dir() or not models:  # (a missing run folder: its loader says so)
+            runs = [Run(item)]
+        else:
+            out.append((run, item))
+            continue
+        for r in runs:
+            out.append((r, r.onnx_path if backend is Backend.ONNX else r.checkpoint(which)))
+    seen: dict[Path, Path] = {}
+    for _, path in out:
+        key = path.resolve()
+        if key in seen:
+            raise RunDirError(f"{path}: an ensemble member listed twice (also as {seen[key]})")
+        seen[key] = path
+    return out
 
 
 def load_member(
@@ -103,14 +150,14 @@ def load_member(
         from ptxseg.onnx_runtime import OnnxModel, onnx_providers
 
         onnx = OnnxModel(model or run.onnx_path, onnx_providers(prefer_cuda=device != "cpu"))
-        return Member(onnx, onnx.size, onnx.path, f"onnx {onnx.describe()}")
+        return Member(onnx, onnx.size, onnx.path, f"onnx {onnx.describe()}", run)
     dev = hardware.resolve_device(device)
     net, info = run.load_model(which, checkpoint=model)
     do_compile = hardware.inference_compile(compile, dev, n_images)
     what = f"{info.describe()}, {hardware.describe(dev, compiled=do_compile)}"
     return Member(
         TorchModel(net, dev, compile=do_compile), info.size, info.path,
-        f"torch {info.path} ({what})",
+        f"torch {info.path} ({what})", run,
     )  # fmt: skip
 
 
@@ -137,8 +184,11 @@ class Predictor:
             raise ValueError("a predictor needs at least one model")
         sizes = sorted({m.size for m in members})
         if len(sizes) > 1:
+            each = ", ".join(f"{m.path or f'member {i}'} {m.size} px"
+                             for i, m in enumerate(members))  # fmt: skip
             raise ConfigError(
-                f"ensemble members take different input sizes ({', '.join(map(str, sizes))} px)"
+                f"ensemble members take different input sizes ({each}); an ensemble averages "
+                "maps of one size"
             )
         self.members = list(members)
         self.size = sizes[0]
@@ -155,7 +205,7 @@ class Predictor:
         run: str | Path | Run,
         *,
         backend: str | Backend = Backend.TORCH,
-        model: str | Path | None = None,
+        model: Models = None,
         device: str = "auto",
         tta: str | Tta = Tta.NONE,
         batch_size: int | None = None,
@@ -164,29 +214,43 @@ class Predictor:
         n_images: int = 0,
         which: str = "best",
     ) -> Predictor:
-        """The predictor of one run folder (see :func:`load_member`)."""
+        """The predictor of a run folder, a CV folder (its folds as one ensemble) or the
+        models ``model`` lists (:func:`member_sources`; each loaded by :func:`load_member`)."""
         run = run if isinstance(run, Run) else Run(run)
         Tta.parse(tta, "--tta")  # refused before any loading
-        member = load_member(run, backend, model=model, device=device, compile=compile,
-                             n_images=n_images, which=which)  # fmt: skip
-        return cls([member], tta=tta, batch_size=batch_size, workers=workers)
+        members = [
+            load_member(r, backend, model=path, device=device, compile=compile,
+                        n_images=n_images, which=which)  # fmt: skip
+            for r, path in member_sources(run, model, backend, which)
+        ]
+        return cls(members, tta=tta, batch_size=batch_size, workers=workers)
 
     @property
     def description(self) -> str:
         return "; ".join(m.description for m in self.members)
 
+    def record(self) -> dict[str, Any]:
+        """What the outputs record about the model(s): the member files, in order, and how
+        their probabilities combine."""
+        return {
+            "members": [str(m.path) if m.path is not None else m.description
+                        for m in self.members],  # fmt: skip
+            "combine": "mean probability" if len(self.members) > 1 else "single model",
+        }
+
     def batch_probs(self, x: Any) -> np.ndarray:
         """Probabilities ``(B, S, S)`` float32 of a uint8 batch ``(B, 1, S, S)`` at model size
-        (numpy or tensor), averaged over the members."""
+        (numpy or tensor): an ensemble's are the mean of its members' (each with the TTA)."""
         n = x.shape[0]
         if self.pad_to_batch and n < self.batch_size:
             pad = np.zeros((self.batch_size - n, *x.shape[1:]), dtype=np.uint8)
             x = np.concatenate([np.asarray(x), pad])
-        probs = self.members[0].model.probs(x, self.tta)
-        for member in self.members[1:]:
-            probs = probs + member.model.probs(x, self.tta)
+        probs = np.asarray(self.members[0].model.probs(x, self.tta), np.float32)
         if len(self.members) > 1:
-            probs = probs / np.float32(len(self.members))
+            probs = probs.copy()  # a member may hand back an array it keeps
+            for member in self.members[1:]:
+                probs += member.model.probs(x, self.tta)
+            probs /= np.float32(len(self.members))
         return probs[:n]
 
     def image_probs(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:

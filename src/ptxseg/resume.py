@@ -41,6 +41,7 @@ RESUMABLE_KEYS = frozenset(
         "train.channels_last",
         "train.log_every",
         "train.deterministic",
+        "train.logger",
     }
 )
 
@@ -51,6 +52,21 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{k}"
         out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
     return out
+
+
+#: what may differ between a run's config and its resume (or between the folds of a CV)
+FREE_KEYS = RESUMABLE_KEYS | {"train.epochs"}
+
+
+def recipe_changes(saved: Config, wanted: Config) -> str:
+    """The recipe keys (all but :data:`FREE_KEYS`) on which ``wanted`` differs from
+    ``saved``, as ``"k1, k2 (e.g. k1: old -> new)"``; empty when none does."""
+    before, after = _flat(saved.to_dict()), _flat(wanted.to_dict())
+    changed = sorted(k for k in before if before[k] != after.get(k) and k not in FREE_KEYS)
+    if not changed:
+        return ""
+    k = changed[0]
+    return f"{', '.join(changed)} (e.g. {k}: {before[k]!r} -> {after.get(k)!r})"
 
 
 @dataclass
@@ -94,16 +110,12 @@ def plan_resume(cfg: Config, out: Path) -> ResumePlan:
     run = Run(out)
     run.check_resumable()
     saved_cfg = run.config()
-    saved = _flat(saved_cfg.to_dict())
-    wanted = _flat(cfg.to_dict())
-    free = RESUMABLE_KEYS | {"train.epochs"}
-    changed = sorted(k for k in saved if saved[k] != wanted.get(k) and k not in free)
+    changed = recipe_changes(saved_cfg, cfg)
     if changed:
-        k = changed[0]
         raise RunDirError(
             f"{out}: --resume with a config that differs from the run's {CONFIG} in "
-            f"{', '.join(changed)} (e.g. {k}: {saved[k]!r} -> {wanted.get(k)!r}); resume "
-            f"with the run's own config (only {', '.join(sorted(free))} may change)"
+            f"{changed}; resume with the run's own config (only "
+            f"{', '.join(sorted(FREE_KEYS))} may change)"
         )
     last = run.checkpoint("last")
     if not last.is_file():
@@ -183,8 +195,12 @@ def _resume_command(data: Path, out: Path) -> str:
     return f"ptxseg train --data {shlex.quote(str(data))} --out {shlex.quote(str(out))} --resume"
 
 
-def interrupted_message(out: Path, data: Path, epochs: int, removed: bool) -> str:
-    """Where an interrupted run stands, and how to go on."""
+def interrupted_message(
+    out: Path, data: Path, epochs: int, removed: bool, *, command: str | None = None
+) -> str:
+    """Where an interrupted run stands, and how to go on (``command``: the command that
+    continues it, default ``ptxseg train --data DATA --out OUT --resume``)."""
+    command = command or _resume_command(data, out)
     if removed:
         return (
             f"training interrupted before its first epoch finished; {out} was removed, run "
@@ -195,7 +211,7 @@ def interrupted_message(out: Path, data: Path, epochs: int, removed: bool) -> st
     if not last.is_file():
         return (
             f"training interrupted before its first epoch finished; continue with: "
-            f"{_resume_command(data, out)} (it restarts the run from scratch)"
+            f"{command} (it restarts the run from scratch)"
         )
     try:
         done = int(read_checkpoint(last).get("epoch", -1)) + 1
@@ -208,7 +224,7 @@ def interrupted_message(out: Path, data: Path, epochs: int, removed: bool) -> st
     )
     return (
         f"training interrupted; {out}: last finished epoch {done} of {epochs} ({LAST})"
-        f"{best}; continue with: {_resume_command(data, out)}"
+        f"{best}; continue with: {command}"
     )
 
 

@@ -259,13 +259,6 @@ class Run:
             )
         return [by_id[i] for i in wanted]
 
-    def count_train_ids(self, records: list[Record]) -> int | None:
-        """How many of ``records`` are in the run's training split (``None``: no split.csv)."""
-        if not self.split_path.exists():
-            return None
-        assignment = self.split()
-        return sum(1 for r in records if assignment.get(r.id) == "train")
-
     # -- thresholds ----------------------------------------------------------------------------
 
     def default_rule_warning(self) -> str:

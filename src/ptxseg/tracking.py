@@ -122,6 +122,18 @@ def build_loggers(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> 
     raise ConfigError(f"train.logger: unknown '{choice}' (valid: {', '.join(LOGGERS)})")
 
 
+def recorded(cfg: Config, run_dir: str | Path) -> bool:
+    """Whether the run folder already holds a record of ``train.logger`` from an earlier start
+    (TensorBoard's ``hparams.yaml``, an MLflow run of this name): a resume then continues it
+    and leaves its parameters as they were (:class:`LogConfig`)."""
+    run_dir = Path(run_dir)
+    if cfg.train.logger == "tensorboard":
+        return (run_dir / TENSORBOARD_DIR / "hparams.yaml").is_file()
+    if cfg.train.logger == "mlflow" and (run_dir / MLFLOW_DB).is_file():
+        return _existing_mlflow_run(mlflow_uri(run_dir), run_dir.resolve().name) is not None
+    return False
+
+
 def hyperparameters(cfg: Config) -> dict[str, Any]:
     """The resolved config as flat dotted keys (``train.epochs``...): what the loggers record
     as the run's parameters."""

@@ -34,7 +34,7 @@ import shutil
 import signal
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 
 from ptxseg import hardware
 from ptxseg.config import Config, save_config
+from ptxseg.data.folds import SplitFile
 from ptxseg.data.inspect import non_binary_masks
 from ptxseg.data.records import Record
 from ptxseg.data.split import partition
@@ -60,6 +61,7 @@ from ptxseg.resume import (
     record_resume,
 )
 from ptxseg.run import BEST, LAST, Run
+from ptxseg.tracking import LogConfig, build_loggers, recorded
 from ptxseg.trainer import build_trainer, quiet_lightning, writing
 
 
@@ -75,20 +77,26 @@ def make_loader(cfg: Config, records: Sequence[Record], *, train: bool, device: 
     """A DataLoader of :class:`~ptxseg.data.dataset.SegDataset` (augmented when ``train``).
 
     Workers decode, resize and augment; batches are uint8; pinned memory on CUDA; persistent
-    workers. The training loader shuffles and drops an incomplete last batch.
+    workers. The training loader drops an incomplete last batch and shuffles, or, with
+    ``data.positive_fraction``, draws positive images at that rate
+    (:class:`~ptxseg.data.sampler.PositiveFractionSampler`; under DDP Lightning wraps it in its
+    distributed sampler wrapper, which shards each epoch's draw).
     """
     from ptxseg.augment import train_augmenter
     from ptxseg.data.dataset import SegDataset, worker_init
+    from ptxseg.data.sampler import sampler_for
 
     augment = train_augmenter(cfg.augment, cfg.train.seed) if train else None
     dataset = SegDataset(records, cfg.data.size, augment)
     processes = hardware.device_count(cfg.train.devices, device)
     workers = hardware.training_workers(cfg.data.workers, processes)
     bs = cfg.train.batch_size
+    sampler = sampler_for(records, cfg.data.positive_fraction, cfg.train.seed) if train else None
     return DataLoader(
         dataset,
         batch_size=bs,
-        shuffle=train,
+        sampler=sampler,
+        shuffle=train and sampler is None,
         drop_last=train and len(dataset) > bs,
         worker_init_fn=worker_init,
         **hardware.loader_kwargs(device, workers, persistent=True),
@@ -143,6 +151,7 @@ class Training:
     loaders: tuple[DataLoader, DataLoader] | None = None
     fresh: bool = False  # a new folder: removed again when training fails before a checkpoint
     rank: int = 0
+    resume_command: str | None = None  # what an interrupted run says to type to continue
 
     def train(self) -> Path:
         """Train (nothing when the resumed run has finished); returns the run folder."""
@@ -172,20 +181,31 @@ class Training:
                 shutil.rmtree(out, ignore_errors=True)
             if isinstance(exc, KeyboardInterrupt) and self.rank == 0:
                 raise TrainingInterrupted(
-                    interrupted_message(out, self.data, self.cfg.train.epochs, removed)
+                    interrupted_message(out, self.data, self.cfg.train.epochs, removed,
+                                        command=self.resume_command)  # fmt: skip
                 ) from None
             raise
 
 
 def prepare(
-    cfg: Config, data: str | Path, out: str | Path, resume: bool = False, *, progress: bool = True
+    cfg: Config,
+    data: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    *,
+    progress: bool = True,
+    split: SplitFile | Mapping[str, str] | None = None,
+    resume_command: str | None = None,
 ) -> Training:
     """Everything before the first training step: the resume check, the dataset and its
     split, the model (encoder weights or ``model.init_from``), the run's first files and the
     trainer. See :func:`fit` for the arguments.
 
     ``progress``: plain progress lines (each stage) where stderr is not a terminal.
+    ``resume_command``: what an interrupted run says to type to continue (default: ``ptxseg
+    train --data DATA --out OUT --resume``).
     """
+    from ptxseg.data.folds import given_split
     from ptxseg.data.siim import rle_csv_used
     from ptxseg.data.sources import load_records
     from ptxseg.data.split import make_split, read_split, write_split
@@ -197,7 +217,7 @@ def prepare(
         log_line if progress and rank == 0 and not stderr_is_terminal() else lambda _text: None
     )
     plan = plan_resume(cfg, out) if resume else None
-    training = Training(cfg, data, run, plan, rank=rank)
+    training = Training(cfg, data, run, plan, rank=rank, resume_command=resume_command)
     if plan is not None and plan.finished:
         if rank == 0:
             warnings.warn(plan.finished, UserWarning, stacklevel=2)
@@ -211,6 +231,8 @@ def prepare(
     used_split = run.split_path if resume and (not restart or run.split_path.is_file()) else None
     if used_split is not None:
         assignment = read_split(used_split)
+    elif split is not None:
+        assignment = given_split(split, records)
     else:
         assignment = make_split(records, cfg.data.val_fraction, cfg.train.seed)
     train_recs, val_recs = partition(records, assignment, used_split, cfg.data.val_fraction)
@@ -246,6 +268,9 @@ def prepare(
         module = build_module(
             cfg, pretrained=last is None, init_state=init_state, normalization=normalization
         )
+        # the experiment loggers too: a missing package is refused before any file is written
+        loggers = build_loggers(cfg, out, resume=resume)
+        log_config = LogConfig(cfg, resume=resume and recorded(cfg, out))
     module.warn_no_positive = module_warns
     module.restart_schedule = plan is not None and plan.extend_from is not None
     training.module = module
@@ -290,13 +315,20 @@ def prepare(
                 make_loader(cfg, val_recs, train=False, device=device),
             )
             training.trainer = build_trainer(
-                cfg, out, progress=progress, restart_patience=module.restart_schedule
+                cfg, out, progress=progress, restart_patience=module.restart_schedule,
+                loggers=loggers, callbacks=[log_config],
             )
     return training
 
 
 def fit(
-    cfg: Config, data: str | Path, out: str | Path, resume: bool = False, *, progress: bool = True
+    cfg: Config,
+    data: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    *,
+    progress: bool = True,
+    split: SplitFile | Mapping[str, str] | None = None,
 ) -> Path:
     """Train the model of ``cfg`` on the dataset ``data``; write the run into ``out``.
 
@@ -312,6 +344,10 @@ def fit(
             its own config and split, with a warning.
         progress: a rich progress bar where stderr is a terminal, else plain lines (each
             stage, one per epoch) for logs.
+        split: the train/val side of every image instead of the seeded split
+            (``data.val_fraction``, ``train.seed``): a ``--split-file`` with ``id,split``
+            columns (:func:`ptxseg.data.folds.read_split_file`) or a mapping id -> ``"train"``
+            / ``"val"`` (a fold of a CV, :mod:`ptxseg.cv`); a resumed run keeps its own.
 
     Returns:
         ``out``.
@@ -322,7 +358,7 @@ def fit(
             TrainingError: the loss became NaN; TrainingInterrupted: Ctrl-C (the message
             says where the run stands and how to resume).
     """
-    return prepare(cfg, data, out, resume, progress=progress).train()
+    return prepare(cfg, data, out, resume, progress=progress, split=split).train()
 
 
 def _announcement(

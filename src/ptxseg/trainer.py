@@ -236,6 +236,7 @@ def quiet_lightning() -> Iterator[None]:
                 ".*sync_dist=True.*",
                 ".*LeafSpec.*",
                 ".*no `val_dataloader`.*",
+                ".*smaller than the logging interval.*",  # the module logs once per epoch
             ):
                 warnings.filterwarnings("ignore", message=pattern)
             yield
@@ -273,12 +274,15 @@ def build_trainer(
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
     restart_patience: bool = False,
+    loggers: Sequence[Any] = (),
 ) -> L.Trainer:
     """The Lightning Trainer of a run: precision/devices/strategy from the config, early
-    stopping and checkpoints on ``val_iou``, atomic checkpoint IO, no logger folders.
+    stopping and checkpoints on ``val_iou``, atomic checkpoint IO.
 
     ``progress``: the rich progress bar where stderr is a terminal, else :class:`EpochLines`.
-    ``restart_patience``: an extended run (the early-stopping count starts again)."""
+    ``restart_patience``: an extended run (the early-stopping count starts again).
+    ``loggers``: Lightning loggers (``train.logger``, :func:`ptxseg.tracking.build_loggers`);
+    none: no logger folders."""
     bar = progress and stderr_is_terminal()
     run = Run(out)
     cbs: list[Callback] = [
@@ -312,7 +316,7 @@ def build_trainer(
         cbs.append(EpochLines())
     return L.Trainer(
         **hardware_kwargs(cfg),
-        **QUIET_TRAINER,
+        **{**QUIET_TRAINER, "logger": list(loggers) or False},
         max_epochs=cfg.train.epochs,
         callbacks=cbs,
         default_root_dir=out,

@@ -28,6 +28,7 @@ Kaggle objective is tuned on a validation split without any pneumothorax.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,11 +265,14 @@ def pooled_iou(stats: GridStats, params: PostParams) -> float | None:
     return None if true == 0 else int(tp.sum()) / union
 
 
-def tune_warnings(stats: GridStats, result: TuneResult, n_positive: int) -> list[str]:
-    """What a user must know about a tuning result (empty when nothing is wrong)."""
+def tune_warnings(
+    stats: GridStats, result: TuneResult, n_positive: int, where: str = "the validation split"
+) -> list[str]:
+    """What a user must know about a tuning result (empty when nothing is wrong); ``where``
+    names the images tuned on."""
     if n_positive == 0:
         return [
-            f"the validation split ({len(stats)} images) has no pneumothorax: the "
+            f"{where} ({len(stats)} images) has no pneumothorax: the "
             f"{result.objective} objective can only reward empty masks there; the chosen "
             "thresholds are not meaningful"
         ]
@@ -276,14 +280,93 @@ def tune_warnings(stats: GridStats, result: TuneResult, n_positive: int) -> list
     if iou is not None and iou < NEAR_ZERO:
         what = "best pooled IoU" if result.objective == "iou" else "pooled IoU of the chosen rule"
         return [
-            f"the model finds almost nothing on the validation split ({what} {iou:.3f}); the "
+            f"the model finds almost nothing on {where} ({what} {iou:.3f}); the "
             "chosen thresholds are not meaningful"
         ]
     return []
 
 
 # ---------------------------------------------------------------------------------------------
+# out-of-fold statistics
+
+
+def pool_grid_stats(per_fold: Sequence[GridStats]) -> GridStats:
+    """One :class:`GridStats` of all the folds' images: each fold's statistics (its model on
+    its own validation images) concatenated, fold after fold.
+
+    Raises:
+        ValueError: no folds, or folds tuned on different grids.
+    """
+    if not per_fold:
+        raise ValueError("no folds to pool")
+    first = per_fold[0]
+    pooled = GridStats(thresholds=tuple(first.thresholds), areas=tuple(first.areas))
+    for i, stats in enumerate(per_fold):
+        if tuple(stats.thresholds) != pooled.thresholds or tuple(stats.areas) != pooled.areas:
+            raise ValueError(f"fold {i} was counted on another grid than fold 0")
+        pooled.pred.extend(stats.pred)
+        pooled.tp.extend(stats.tp)
+        pooled.true_area.extend(stats.true_area)
+    return pooled
+
+
+# ---------------------------------------------------------------------------------------------
 # the command
+
+
+def _grid_stats(predictor, records, progress: str | None) -> GridStats:
+    """The grid statistics of ``records`` predicted once at model resolution."""
+    from ptxseg.evaluate import iter_predictions
+
+    stats = GridStats(areas=areas_for(predictor.size))
+    for pred in iter_predictions(predictor, records, at="model", progress=progress):
+        stats.add(pred.probs, pred.gt)
+    return stats
+
+
+def _choose(
+    stats: GridStats, *, objective: Objective, mode: Mode, size: int, where: str, what: str
+) -> tuple[TuneResult, list[str]]:
+    """Search ``stats``: the result and its warnings; ``where`` names what a refusal is about
+    (a file), ``what`` the images tuned on.
+
+    Raises:
+        PtxsegError: the IoU objective on images without any pneumothorax.
+    """
+    from ptxseg.errors import PtxsegError
+
+    n_positive = int(sum(1 for a in stats.true_area if a > 0))
+    if objective is Objective.IOU and n_positive == 0:
+        raise PtxsegError(
+            f"{where}: the {len(stats)} validation images have no pneumothorax, so "
+            "pooled IoU is undefined for every threshold; use --objective kaggle"
+        )
+    result = search(stats, mode=mode, objective=objective, size=size)
+    return result, tune_warnings(stats, result, n_positive, what)
+
+
+def _save(
+    path: Path, stats: GridStats, result: TuneResult, notes: list[str], extra: dict[str, Any]
+) -> None:
+    """Write the thresholds file (the rule, the search, ``extra``) and warn."""
+    size = result.params.size
+    save_params(result.params, path, extra={
+        "objective": result.objective,
+        "score": result.score,
+        "n_images": len(stats),
+        "n_positive": int(sum(1 for a in stats.true_area if a > 0)),
+        **extra,
+        "warnings": notes,
+        "area_grid": {
+            "areas": list(stats.areas),
+            "size": size,
+            "rule": f"removal areas {', '.join(map(str, AREAS))} px of a "
+            f"{AREA_REFERENCE_SIZE} px input, as the same fractions of this {size} px input",
+        },
+        "grid": {"columns": result.columns, "rows": result.rows},
+    })  # fmt: skip
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=3)
 
 
 def tune_run(
@@ -322,8 +405,6 @@ def tune_run(
     Warns:
         UserWarning: see :func:`tune_warnings` (also written to ``thresholds.json``).
     """
-    from ptxseg.errors import PtxsegError
-    from ptxseg.evaluate import iter_predictions
     from ptxseg.predictor import Predictor
     from ptxseg.run import Run, Split
 
@@ -333,37 +414,97 @@ def tune_run(
         run, backend=backend, device=device, tta=tta, batch_size=batch_size
     )
     records, data_root, used_layout = run.records(data, layout, Split.VAL, rle)
-    size = predictor.size
-    stats = GridStats(areas=areas_for(size))
-    progress_text = "Predicting validation split" if progress else None
-    for pred in iter_predictions(predictor, records, at="model", progress=progress_text):
-        stats.add(pred.probs, pred.gt)
-    n_positive = int(sum(1 for a in stats.true_area if a > 0))
-    if objective is Objective.IOU and n_positive == 0:
-        raise PtxsegError(
-            f"{run.split_path}: the {len(stats)} validation images have no pneumothorax, so "
-            "pooled IoU is undefined for every threshold; use --objective kaggle"
-        )
-    result = search(stats, mode=mode, objective=objective, size=size)
-    notes = tune_warnings(stats, result, n_positive)
-    extra = {
-        "objective": result.objective,
-        "score": result.score,
-        "n_images": len(stats),
-        "n_positive": n_positive,
-        "data": str(data_root),
-        "layout": used_layout,
-        "tta": predictor.tta,
-        "warnings": notes,
-        "area_grid": {
-            "areas": list(stats.areas),
-            "size": size,
-            "rule": f"removal areas {', '.join(map(str, AREAS))} px of a "
-            f"{AREA_REFERENCE_SIZE} px input, as the same fractions of this {size} px input",
-        },
-        "grid": {"columns": result.columns, "rows": result.rows},
-    }
-    save_params(result.params, run.thresholds_path, extra=extra)
-    for note in notes:
-        warnings.warn(note, UserWarning, stacklevel=2)
+    stats = _grid_stats(predictor, records, "Predicting validation split" if progress else None)
+    result, notes = _choose(
+        stats, objective=objective, mode=mode, size=predictor.size, where=str(run.split_path),
+        what="the validation split",
+    )  # fmt: skip
+    extra = {"data": str(data_root), "layout": used_layout, "tta": predictor.tta}
+    _save(run.thresholds_path, stats, result, notes, extra)
     return run.thresholds_path, result
+
+
+def tune_cv(
+    cv_dir: str | Path,
+    data: str | Path | None = None,
+    *,
+    layout: str = "auto",
+    objective: str | Objective = Objective.IOU,
+    mode: str | Mode = Mode.PIXEL,
+    batch_size: int | None = None,
+    tta: str = "none",
+    progress: bool = False,
+    rle: str | Path | None = None,
+    backend: str = "torch",
+    device: str = "auto",
+) -> tuple[Path, TuneResult]:
+    """Choose the post-processing of a CV folder on its out-of-fold predictions and write
+    ``CV/thresholds.json`` (what ``evaluate``/``predict`` of the CV's ensemble apply).
+
+    Each fold's model predicts its own validation images only (the fold of ``cv.json`` its
+    run validated on), so every image is predicted once, by the model that did not train on
+    it; the folds' grid statistics are pooled (:func:`pool_grid_stats`) and searched as one
+    set, as :func:`tune_run` searches one split. The file records the folds' image counts and
+    each fold's pooled IoU under the chosen rule (``out_of_fold``). Arguments as
+    :func:`tune_run`; ``data``: default, the dataset the folds recorded.
+
+    Raises:
+        RunDirError: not a CV folder, a fold not trained, a fold whose ``split.csv`` does not
+            validate on its fold of ``cv.json``.
+
+    Warns:
+        UserWarning: see :func:`tune_warnings` (also written to ``thresholds.json``).
+    """
+    from ptxseg.cv import MANIFEST, trained_folds
+    from ptxseg.errors import RunDirError
+    from ptxseg.predictor import Predictor
+    from ptxseg.run import Run, Split
+
+    objective, mode = Objective.parse(objective, "--objective"), Mode.parse(mode, "--mode")
+    manifest, runs = trained_folds(cv_dir)
+    where = Path(cv_dir) / MANIFEST
+    per_fold: list[GridStats] = []
+    sizes, roots, layouts, tta_used = {}, set(), set(), str(tta)
+    for i, run in enumerate(runs):
+        predictor = Predictor.from_run(
+            run, backend=backend, device=device, tta=tta, batch_size=batch_size
+        )
+        records, data_root, used_layout = run.records(data, layout, Split.VAL, rle)
+        if sorted(r.id for r in records) != sorted(manifest.val_ids(i)):
+            raise RunDirError(
+                f"{run.split_path}: fold {i} validates on other images than its fold of "
+                f"{where}; was it trained for another CV folder?"
+            )
+        text = f"Fold {i}: predicting its validation images" if progress else None
+        per_fold.append(_grid_stats(predictor, records, text))
+        sizes[manifest.folds[i]] = predictor.size
+        roots.add(str(data_root))
+        layouts.add(used_layout)
+        tta_used = predictor.tta
+    if len(set(sizes.values())) > 1:
+        each = ", ".join(f"{name} {size} px" for name, size in sizes.items())
+        raise RunDirError(f"{cv_dir}: the folds' models take different input sizes ({each})")
+    stats = pool_grid_stats(per_fold)
+    what = f"the out-of-fold predictions of the {manifest.k} folds"
+    size = next(iter(sizes.values()))
+    result, notes = _choose(
+        stats, objective=objective, mode=mode, size=size, where=str(where), what=what
+    )
+    folds = [
+        {
+            "run": manifest.folds[i],
+            "n_images": len(fold_stats),
+            "n_positive": int(sum(1 for a in fold_stats.true_area if a > 0)),
+            "pooled_iou": pooled_iou(fold_stats, result.params),
+        }
+        for i, fold_stats in enumerate(per_fold)
+    ]
+    extra = {
+        "data": sorted(roots)[0] if len(roots) == 1 else sorted(roots),
+        "layout": sorted(layouts)[0] if len(layouts) == 1 else sorted(layouts),
+        "tta": tta_used,
+        "out_of_fold": {"k": manifest.k, "folds": folds},
+    }
+    path = Run(cv_dir).thresholds_path
+    _save(path, stats, result, notes, extra)
+    return path, result

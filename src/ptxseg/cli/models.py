@@ -26,6 +26,7 @@ from ptxseg.cli.app import (
     print_notes,
     with_model_options,
 )
+from ptxseg.cv import MANIFEST
 from ptxseg.data.sources import Layout
 from ptxseg.errors import printable
 from ptxseg.evaluate import OUTPUTS as EVALUATE_OUTPUTS
@@ -38,6 +39,19 @@ from ptxseg.run import BEST, CONFIG, ONNX, SPLIT, THRESHOLDS, Split
 from ptxseg.tune import Objective
 
 RUN_HELP = f"Run folder ({files_named((BEST, SPLIT, THRESHOLDS))}; {CONFIG} for older runs)."
+MODEL_RUN_HELP = (
+    f"Run folder ({files_named((BEST, THRESHOLDS))}), or a CV folder ({MANIFEST}: its folds as "
+    "one ensemble, its out-of-fold thresholds)."
+)
+ModelsOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--model",
+        help="A checkpoint (torch; it describes its own model) or ONNX file (onnx), a run "
+        "folder or a CV folder to run instead of RUN's model; repeat it for an ensemble (mean "
+        "probability, all of one input size). RUN then gives the thresholds.",
+    ),
+]
 ThresholdsOption = Annotated[
     Path | None,
     typer.Option(
@@ -48,11 +62,12 @@ ThresholdsOption = Annotated[
 ]
 
 
-@app.command(help=f"Choose the post-processing on the run's validation split; writes RUN/"
+@app.command(help=f"Choose the post-processing on the run's validation split (a CV folder: on "
+                  f"the out-of-fold predictions of its folds); writes RUN/"
                   f"{THRESHOLDS}.")  # fmt: skip
 @with_model_options
 def tune(
-    run: Annotated[Path, typer.Argument(help=RUN_HELP)],
+    run: Annotated[Path, typer.Argument(help=f"{RUN_HELP[:-1]}, or a CV folder ({MANIFEST}).")],
     data: Annotated[
         Path | None,
         typer.Option("--data", help="Dataset the run was trained on (default: the recorded one)."),
@@ -76,10 +91,11 @@ def tune(
     ] = Mode.PIXEL,
     model: dict | None = None,
 ) -> None:
-    from ptxseg.tune import tune_run
+    from ptxseg.cv import is_cv_dir
+    from ptxseg.tune import tune_cv, tune_run
 
     with library_warnings():
-        path, result = tune_run(
+        path, result = (tune_cv if is_cv_dir(run) else tune_run)(
             run, data, layout=layout, rle=absolute(rle), objective=objective, mode=mode,
             progress=True, **model,
         )  # fmt: skip
@@ -92,7 +108,7 @@ def tune(
 @app.command(help=f"Evaluate a run: {files_named(EVALUATE_OUTPUTS[:4])}, overlays.")
 @with_model_options
 def evaluate(
-    run: Annotated[Path, typer.Argument(help=RUN_HELP)],
+    run: Annotated[Path, typer.Argument(help=MODEL_RUN_HELP)],
     data: Annotated[Path, typer.Option("--data", help="Dataset to evaluate on (any layout).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     thresholds: ThresholdsOption = None,
@@ -110,6 +126,7 @@ def evaluate(
         Split,
         typer.Option("--split", help=f"all images, or only the run's val / train ids ({SPLIT})."),
     ] = Split.ALL,
+    models: ModelsOption = None,
     model: dict | None = None,
 ) -> None:
     from ptxseg.evaluate import evaluate_run
@@ -117,7 +134,7 @@ def evaluate(
     with library_warnings():
         metrics = evaluate_run(
             run, data, out, thresholds=thresholds, at=at, layout=layout, rle=absolute(rle),
-            split=split, progress=True, **model,
+            split=split, progress=True, models=models or [], **model,
         )  # fmt: skip
     console.print(metrics_table(metrics))
     console.print(Text(f"wrote {out}/ ({files_named(EVALUATE_OUTPUTS[:2])}, "
@@ -128,7 +145,7 @@ def evaluate(
                   "measures, DICOM SEGs with --dicom-seg (exit 2 if a file fails).")  # fmt: skip
 @with_model_options
 def predict(
-    run: Annotated[Path, typer.Argument(help=RUN_HELP)],
+    run: Annotated[Path, typer.Argument(help=MODEL_RUN_HELP)],
     inputs: Annotated[
         list[Path],
         typer.Argument(
@@ -151,14 +168,7 @@ def predict(
             "of each PNG, by file name (repeatable: train + test).",
         ),
     ] = None,
-    model_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            help="Checkpoint (torch; it describes its own model) or ONNX file (onnx) to use "
-            "instead.",
-        ),
-    ] = None,
+    model_path: ModelsOption = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -200,6 +210,15 @@ def predict(
             "--overwrite", help="Replace existing output files that ptxseg did not write."
         ),
     ] = False,
+    save_probs: Annotated[
+        bool,
+        typer.Option(
+            "--save-probs",
+            help="Also write each image's probability map: probs/<id>.npy, float32 at model "
+            "resolution, before any post-processing (redo the post-processing without the "
+            "model).",
+        ),
+    ] = False,
     model: dict | None = None,
 ) -> None:
     from ptxseg.image_outputs import DICOM_SEG, MASKS, OVERLAYS
@@ -209,9 +228,10 @@ def predict(
     with library_warnings():
         summary = predict_fn(
             run, inputs, out, thresholds=thresholds, kaggle_csv=kaggle_csv,
-            id_maps=id_maps or [], model_path=model_path, workers=workers, overlays=overlays,
-            overlay_style=overlay_style, dicom_seg=dicom_seg, compile=compile,
-            overwrite=overwrite, progress=True, console=err_console, **model,
+            id_maps=id_maps or [], model_path=model_path or None, workers=workers,
+            overlays=overlays, overlay_style=overlay_style, dicom_seg=dicom_seg,
+            compile=compile, overwrite=overwrite, progress=True, console=err_console,
+            save_probs=save_probs, **model,
         )  # fmt: skip
     print_notes(summary.notes)
     ok = summary.n_images - summary.n_errors

@@ -52,48 +52,103 @@ def train_cmd(
         Layout | None, typer.Option("--layout", help="Dataset layout (default: the config's).")
     ] = None,
     rle: RleOption = None,
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            "--folds", min=2,
+            help="Cross-validation: K patient-grouped, stratified folds; --out becomes a CV "
+            "folder (cv.json, fold-0 ... fold-K-1, each a run folder).",
+        ),
+    ] = None,
+    fold: Annotated[
+        int | None,
+        typer.Option(
+            "--fold", min=0,
+            help="Train only this fold of the CV folder --out (its cv.json is created if "
+            "absent, reused if present): folds side by side on several GPUs or machines.",
+        ),
+    ] = None,
+    split_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--split-file",
+            help="CSV with id,split columns (train/val: this run's split) or id,fold columns "
+            "(0..K-1: the folds of a CV folder) instead of the seeded split.",
+        ),
+    ] = None,
 ) -> None:
     """Train the U-Net (the paper's recipe by default) and write the run folder.
 
     Without --config the built-in 'paper' config is used; with --resume, the run's own
-    config.yaml. --config NAME is a built-in (paper, demo); a value with a '/' or ending in
-    .yaml/.yml is a file. Fine-tuning: --set model.init_from=RUN_OR_CKPT. Multi-node: see the
-    README (torchrun / SLURM) and ptxseg.train.
+    config.yaml (in a CV folder, its folds'). --config NAME is a built-in (paper, demo); a
+    value with a '/' or ending in .yaml/.yml is a file. Fine-tuning: --set
+    model.init_from=RUN_OR_CKPT. Cross-validation: --folds K (all folds) or --fold I (one).
+    Multi-node: see the README (torchrun / SLURM) and ptxseg.train.
     """
     from ptxseg.config import load_config
+    from ptxseg.cv import is_cv_dir
+    from ptxseg.data.folds import read_split_file
     from ptxseg.progress import log_line
     from ptxseg.run import Run
     from ptxseg.train import TrainingInterrupted, global_rank, prepare, run_summary
+    from ptxseg.train_cv import cv_config, plan_training
 
     overrides = list(sets or [])
     if devices is not None:
         overrides.append(f"train.devices={devices}")
     if layout is not None:
         overrides.append(f"data.layout={layout}")
-    if resume and config is None:
+    split = read_split_file(split_file) if split_file is not None else None
+    cross = folds is not None or fold is not None or (split is not None and split.kind == "fold")
+    cross = cross or (resume and is_cv_dir(out))
+    if config is not None:
+        cfg = load_config(config, overrides)
+    elif cross:  # the folds' own config where one has started
+        cfg = cv_config(out, overrides) or load_config("paper", overrides)
+    elif resume:
         run = Run(out)
         if not run.config_path.is_file():  # the run's own config: its folder must be a run
             run.check_resumable()
         cfg = load_config(run.config_path, overrides)
     else:
-        cfg = load_config(config or "paper", overrides)
+        cfg = load_config("paper", overrides)
     if rle is not None:  # set after parsing: a path is not a YAML value
         cfg.data.rle = str(absolute(rle))
+    rank = global_rank()
+
+    def announce(training, prefix: str = "") -> None:
+        if training.announcement and rank == 0:
+            log_line(prefix + training.announcement)
+
+    def summary(run_dir: Path, prefix: str = "") -> None:
+        if rank == 0:
+            console.print(prefix + run_summary(run_dir), markup=False, highlight=False,
+                          soft_wrap=True)  # fmt: skip
+
     try:
         with library_warnings():
-            training = prepare(cfg, data, out, resume=resume)
-            if training.announcement and global_rank() == 0:
-                log_line(training.announcement)
-            training.train()
+            if not cross:
+                training = prepare(cfg, data, out, resume=resume, split=split)
+                announce(training)
+                training.train()
+                summary(out)
+                return
+            plan = plan_training(
+                cfg, data, out, k=folds, fold=fold, split_file=split, resume=resume
+            )
+            for i in plan.folds:
+                where = f"fold {i} of {plan.k}: "
+                summary(plan.train_fold(i, announce=lambda t, w=where: announce(t, w)), where)
     except KeyboardInterrupt as exc:  # Ctrl-C: where the run stands and how to resume
-        if global_rank() == 0:
+        if rank == 0:
             where = str(exc) if isinstance(exc, TrainingInterrupted) else "before training began"
             err_console.print(
                 Text.assemble(("interrupted: ", "bold red"), one_line(where)), soft_wrap=True
             )
         raise typer.Exit(130) from None
-    if global_rank() == 0:
-        console.print(run_summary(out), markup=False, highlight=False, soft_wrap=True)
+    if rank == 0 and all(plan.fold_run(i).checkpoint().is_file() for i in range(plan.k)):
+        console.print(f"all {plan.k} folds trained; next: ptxseg tune {out}", markup=False,
+                      highlight=False, soft_wrap=True)  # fmt: skip
 
 
 @app.command()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,3 +207,29 @@ def check_split_file(split: SplitFile, records: list[Record]) -> dict[str, int |
             stacklevel=2,
         )
     return dict(split.assignment)
+
+
+def given_split(split: SplitFile | Mapping[str, str], records: list[Record]) -> dict[str, str]:
+    """The train/val assignment of one run given instead of the seeded split: a split file
+    with ``id,split`` columns (:func:`check_split_file`) or a mapping (a fold of a CV), matched
+    against the dataset: every image needs a side and every id an image.
+
+    Raises:
+        DataError: a split file with ``id,fold`` columns (folds: ``--folds``), an id the
+            dataset does not have, a dataset image without a side.
+    """
+    if isinstance(split, SplitFile):
+        if split.kind != "split":
+            raise DataError(
+                split.path, "has id,fold columns (cross-validation folds): train them with "
+                "--folds, or give id,split columns for one run"
+            )
+        return {i: str(side) for i, side in check_split_file(split, records).items()}
+    ids = {r.id for r in records}
+    unknown = sorted(i for i in split if i not in ids)
+    missing = [r.id for r in records if r.id not in split]
+    if unknown or missing:
+        what = (f"{len(unknown)} id(s) are not in the dataset (e.g. '{unknown[0]}')" if unknown
+                else f"{len(missing)} dataset image(s) have no side (e.g. '{missing[0]}')")
+        raise DataError(None, f"the given train/val split does not fit the dataset: {what}")
+    return dict(split)

@@ -1,0 +1,220 @@
+"""A CV folder (and any list of models) in tune, evaluate and predict: out-of-fold tuning
+against a hand computation, ensemble probabilities equal to the mean of the members', the
+members recorded, and probability maps from which predict's masks are redone."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from ptxseg.cli import main
+from ptxseg.cv import CVManifest, write_manifest
+from ptxseg.data.folds import fold_split, make_folds
+from ptxseg.data.resize import probs_to_native
+from ptxseg.data.sources import load_records
+from ptxseg.data.split import write_split
+from ptxseg.postprocess import PostParams, area_scale, binarize, load_params, params_from_dict
+from ptxseg.run import Run
+from ptxseg.tune import THRESHOLDS, areas_for
+from tests.conftest import make_run
+from tests.test_cv import _reference_pooled_iou
+
+SIZE = 64
+K = 3
+
+
+@pytest.fixture(scope="module")
+def cv(tmp_path_factory, synth_data):
+    """A CV folder built by hand on the 16 synthetic images: 3 folds of make_folds, each a run
+    folder with a random (seeded) model, its fold's split.csv and the dataset record."""
+    root = tmp_path_factory.mktemp("cv") / "cv"
+    records, _ = load_records(synth_data)
+    folds = make_folds(records, K, 0)
+    models = []
+    for i in range(K):
+        run = root / f"fold-{i}"
+        models.append(make_run(run, decisive=False, seed=10 + i))
+        write_split(run / "split.csv", records, fold_split(folds, i))
+        Run(run).write_info({"root": str(synth_data), "layout": "png", "rle": None})
+    write_manifest(root, CVManifest(K, 0, folds))
+    return {"root": root, "models": models, "folds": folds, "records": records}
+
+
+def _gray(path):
+    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+
+
+def _probs(model, gray, tta="none"):
+    """The model's probabilities of one image at model size, computed directly."""
+    x = torch.from_numpy(cv2.resize(gray, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+                         if gray.shape != (SIZE, SIZE) else gray)[None, None]  # fmt: skip
+    with torch.no_grad():
+        p = torch.sigmoid(model(x))
+        if tta == "hflip":
+            p = 0.5 * (p + torch.sigmoid(model(x.flip(3))).flip(3))
+    return p[0, 0].numpy()
+
+
+def _run(capsys, *args):
+    code = main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out, err
+
+
+def test_out_of_fold_tune_equals_a_hand_computation(cv, capsys):
+    """`ptxseg tune CV`: every image predicted by the fold that validated on it, the grid
+    searched over all of them pooled; each fold's pooled IoU under the chosen rule recorded."""
+    _run(capsys, "tune", cv["root"], "--batch-size", 1, "--device", "cpu")
+    saved = json.loads((cv["root"] / "thresholds.json").read_text())
+    areas = areas_for(SIZE)
+    maps, masks, per_fold = [], [], []
+    for i, model in enumerate(cv["models"]):
+        val = [r for r in cv["records"] if cv["folds"][r.id] == i]
+        fold_maps = [_probs(model, _gray(r.image)) for r in val]
+        fold_masks = [(_gray(r.mask) > 0).astype(np.uint8) for r in val]
+        maps += fold_maps
+        masks += fold_masks
+        per_fold.append((fold_maps, fold_masks))
+    scores = np.array([[_reference_pooled_iou(maps, masks, t, a) for a in areas]
+                       for t in THRESHOLDS])  # fmt: skip
+    ti, ai = np.unravel_index(int(np.argmax(scores)), scores.shape)  # first on ties
+    assert (saved["binary_threshold"], saved["removal_area"]) == (THRESHOLDS[ti], areas[ai])
+    assert saved["score"] == pytest.approx(scores[ti, ai], abs=1e-9)
+    assert saved["n_images"] == len(cv["records"]) and saved["size"] == SIZE
+    folds = saved["out_of_fold"]["folds"]
+    assert [f["run"] for f in folds] == ["fold-0", "fold-1", "fold-2"]
+    for f, (fold_maps, fold_masks) in zip(folds, per_fold, strict=True):
+        assert f["n_images"] == len(fold_maps)
+        expected = _reference_pooled_iou(fold_maps, fold_masks, THRESHOLDS[ti], areas[ai])
+        assert f["pooled_iou"] == pytest.approx(expected, abs=1e-9)
+    # out of fold: not what one fold's model scores on all the images
+    all_masks = [(_gray(r.mask) > 0).astype(np.uint8) for r in cv["records"]]
+    alone = [_probs(cv["models"][0], _gray(r.image)) for r in cv["records"]]
+    alone_scores = [[_reference_pooled_iou(alone, all_masks, t, a) for a in areas]
+                    for t in THRESHOLDS]  # fmt: skip
+    assert not np.allclose(alone_scores, scores)
+
+
+def test_an_untrained_fold_is_named(cv, tmp_path, synth_data, capsys):
+    import shutil
+
+    broken = tmp_path / "cv"
+    shutil.copytree(cv["root"], broken)
+    (broken / "fold-1" / "best.ckpt").unlink()
+    for args in (["tune", broken], ["predict", broken, synth_data, "--out", tmp_path / "o"]):
+        code = main(list(map(str, args)))
+        err = capsys.readouterr().err
+        assert code == 2 and f"{broken / 'fold-1'}: fold 1 of {broken} is not trained" in err
+        assert "--fold 1" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, synth_data):
+    """Four synthetic radiographs at sizes other than the model's."""
+    folder = tmp_path_factory.mktemp("imgs")
+    pngs = sorted((synth_data / "png_images").glob("*.png"))[:4]
+    for png, (w, h) in zip(pngs, ((100, 80), (64, 64), (72, 90), (130, 130)), strict=True):
+        cv2.imwrite(str(folder / png.name), cv2.resize(_gray(png), (w, h)))
+    return folder
+
+
+def _results(out):
+    with open(out / "results.csv", newline="") as fh:
+        return {row["id"]: row for row in csv.DictReader(fh)}
+
+
+@pytest.mark.parametrize("tta", ["none", "hflip"])
+def test_predict_a_cv_folder_is_the_mean_of_its_folds(cv, images, tmp_path, capsys, tta):
+    """The saved probability maps are the mean of the folds' probabilities (each with its
+    own TTA), and predict's masks are redone from them without the model, exactly."""
+    out = tmp_path / "out"
+    _run(capsys, "predict", cv["root"], images, "--out", out, "--save-probs", "--tta", tta,
+         "--device", "cpu", "--thresholds", _thresholds(tmp_path))  # fmt: skip
+    info = json.loads((out / "predict.json").read_text())
+    assert info["members"] == [str(cv["root"] / f"fold-{i}" / "best.ckpt") for i in range(K)]
+    assert info["combine"] == "mean probability" and info["tta"] == tta
+    assert info["probs"]["folder"] == "probs" and "float32" in info["probs"]["format"]
+    params = params_from_dict(info["thresholds"])
+    rows = _results(out)
+    for png in sorted(images.glob("*.png")):
+        saved = np.load(out / "probs" / f"{png.stem}.npy")
+        assert saved.dtype == np.float32 and saved.shape == (SIZE, SIZE)
+        each = [_probs(m, _gray(png), tta) for m in cv["models"]]
+        np.testing.assert_allclose(saved, np.mean(each, axis=0), rtol=1e-5, atol=1e-6)
+        assert np.abs(each[0] - each[1]).max() > 0.01  # the members differ
+        h, w = int(rows[png.stem]["height"]), int(rows[png.stem]["width"])
+        native = probs_to_native(saved, h, w)
+        redone = binarize(native, params, area_scale=area_scale(params, h, w))
+        mask = _gray(out / "masks" / f"{png.stem}.png")
+        assert mask.shape == (h, w)
+        np.testing.assert_array_equal(mask > 0, redone > 0)
+        assert int(rows[png.stem]["area_px"]) == int(redone.sum())
+    assert sum(int(r["area_px"]) > 0 for r in rows.values()) >= 1  # masks not all empty
+
+
+def _thresholds(tmp_path):
+    """A rule with a removal area, so the redone post-processing has work to do."""
+    from ptxseg.postprocess import save_params
+
+    path = tmp_path / "rule.json"
+    save_params(PostParams(mode="pixel", binary_threshold=0.5, removal_area=40, size=SIZE), path)
+    return path
+
+
+def test_any_list_of_models_is_an_ensemble(cv, images, tmp_path, capsys):
+    """--model repeated: a run folder and a checkpoint file; RUN gives the thresholds; the
+    probabilities are the two members' mean; predicting without --save-probs writes none."""
+    root = cv["root"]
+    out = tmp_path / "out"
+    _run(capsys, "predict", root / "fold-0", images, "--out", out, "--save-probs",
+         "--model", root / "fold-0", "--model", root / "fold-2" / "best.ckpt",
+         "--device", "cpu")  # fmt: skip
+    info = json.loads((out / "predict.json").read_text())
+    assert info["members"] == [str(root / "fold-0" / "best.ckpt"),
+                               str(root / "fold-2" / "best.ckpt")]  # fmt: skip
+    png = sorted(images.glob("*.png"))[0]
+    pair = [_probs(cv["models"][i], _gray(png)) for i in (0, 2)]
+    np.testing.assert_allclose(np.load(out / "probs" / f"{png.stem}.npy"),
+                               np.mean(pair, axis=0), rtol=1e-5, atol=1e-6)  # fmt: skip
+    # the next predict into the folder, without maps: the previous maps are cleared with it
+    _run(capsys, "predict", root / "fold-0", images, "--out", out, "--device", "cpu")
+    assert not list((out / "probs").glob("*.npy"))
+    assert json.loads((out / "predict.json").read_text())["combine"] == "single model"
+    code = main(["predict", str(root / "fold-0"), str(images), "--out", str(tmp_path / "x"),
+                 "--model", str(root / "fold-1"), "--model", str(root / "fold-1")])
+    assert code == 2 and "an ensemble member listed twice" in capsys.readouterr().err
+
+
+def test_evaluate_a_cv_folder(cv, tmp_path, synth_data, capsys):
+    """metrics.json names the members; the counts are those of the mean probability under the
+    CV's out-of-fold thresholds; the images are all training images of some fold (warned)."""
+    _run(capsys, "tune", cv["root"], "--device", "cpu")
+    out = tmp_path / "ev"
+    _, err = _run(capsys, "evaluate", cv["root"], "--data", synth_data, "--out", out, "--at",
+                  "model", "--device", "cpu")  # fmt: skip
+    assert f"{len(cv['records'])} of the {len(cv['records'])} images have the ids of the " \
+           "members' training images" in err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["members"] == [str(cv["root"] / f"fold-{i}" / "best.ckpt") for i in range(K)]
+    assert m["combine"] == "mean probability" and m["checkpoint"] is None
+    assert m["thresholds_source"] == str(cv["root"] / "thresholds.json")
+    params = load_params(cv["root"] / "thresholds.json")
+    tp = fp = fn = 0
+    for r in cv["records"]:
+        mean = np.mean([_probs(model, _gray(r.image)) for model in cv["models"]], axis=0)
+        pred = binarize(mean, params) > 0
+        gt = _gray(r.mask) > 0
+        tp += int(np.sum(pred & gt))
+        fp += int(np.sum(pred & ~gt))
+        fn += int(np.sum(~pred & gt))
+    assert (m["pooled"]["tp"], m["pooled"]["fp"], m["pooled"]["fn"]) == (tp, fp, fn)
+    code = main(["evaluate", str(cv["root"]), "--data", str(synth_data), "--out",
+                 str(tmp_path / "v"), "--split", "val"])  # fmt: skip
+    assert code == 2 and "--split val of a CV folder" in capsys.readouterr().err
