@@ -123,11 +123,22 @@ def _write(fn, path: Path, *args, **kwargs) -> None:
         raise PtxsegError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
+def native_mask(probs: np.ndarray, height: int, width: int, params: PostParams) -> np.ndarray:
+    """predict's mask of one image: the model-resolution ``probs`` back at the image's
+    native ``(height, width)`` (bilinear), then the one :func:`binarize` with the rule's areas
+    scaled to that size. ``ptxseg serve`` calls it too, so both give the same masks.
+
+    Shape:
+        - probs: ``(S, S)`` float32; output: ``(height, width)`` uint8 in {0, 1}
+    """
+    native = probs_to_native(probs, height, width)
+    return binarize(native, params, area_scale=area_scale(params, height, width))
+
+
 def finish(item: Item, probs: np.ndarray, post: Post) -> ImageResult:
     """Native-size post-processing and the per-image files of one prediction (thread pool)."""
     h, w = item.height, item.width
-    native = probs_to_native(probs, h, w)
-    mask = binarize(native, post.params, area_scale=area_scale(post.params, h, w))
+    mask = native_mask(probs, h, w, post.params)
     area = int(np.count_nonzero(mask))
     _write(write_png, post.out / MASKS / f"{item.id}.png", mask * np.uint8(255))
     if post.overlays:
