@@ -46,6 +46,7 @@ from ptxseg.errors import DataError
 from ptxseg.fileio import open_regular
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) Pixel Data, little endian
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"} | DICOM_SUFFIXES
 
 
@@ -379,6 +380,8 @@ def read_image_bytes(data: bytes, name: str = "upload") -> DecodedImage:
     fh = io.BytesIO(data)
     if data[128:132] == b"DICM" or Path(name).suffix.lower() in DICOM_SUFFIXES:
         ds = _dcmread_from(name, fh)
+        if not _has_pixels(ds) and _PIXEL_DATA_TAG in data:  # pydicom drops a cut element
+            raise DataError(name, "truncated DICOM: its pixel data is cut short")
         with _dicom_errors(name):
             return DecodedImage(_dicom_to_uint8(name, ds), "DICOM", ds)
     im = _open_pil(name, fh)
