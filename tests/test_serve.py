@@ -329,8 +329,9 @@ def test_real_uvicorn_batches_concurrent_requests(run_dir, images, predicted):
 
     service = Service.from_run(run_dir, device="cpu", limits=Limits(max_batch=4))
     chosen = images[:8]
-    with uvicorn_server(create_app(service)) as base, HeldModel(service.batcher) as held:
-        with httpx.Client(base_url=base, timeout=120) as http, ThreadPoolExecutor(8) as pool:
+    with uvicorn_server(create_app(service)) as base, httpx.Client(base_url=base,
+                                                                    timeout=120) as http:
+        with ThreadPoolExecutor(8) as pool, HeldModel(service.batcher) as held:
             futures = [pool.submit(post, http, p) for p in chosen]
             wait_until(lambda: held.held + service.batcher.waiting == 8,
                        what="8 images at the model")  # fmt: skip

@@ -102,7 +102,10 @@ def serve(
     config = uvicorn.Config(create_app(service), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=10)  # fmt: skip
     with sock:
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn stops gracefully, then re-raises the Ctrl+C
+            err_console.print("stopped", highlight=False, markup=False)
 
 
 def listen(host: str, port: int):
