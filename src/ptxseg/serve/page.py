@@ -189,6 +189,7 @@ async function send(file) {
   link("dl-overlay", "data:image/png;base64," + body.overlay_png, `${stem}_overlay.png`);
   $("dl-view").removeAttribute("aria-disabled");
   $("results").hidden = false;
+  $("view").hidden = false;
   showFindings(body, file.name || "upload");
   draw();
   setState("done", `${file.name}: done`);
@@ -234,7 +235,7 @@ VIEWER = """<!doctype html>
  accept=".png,.jpg,.jpeg,.dcm,.dicom,image/png,image/jpeg,application/dicom">
 </label>
 <p id="status" role="status" aria-live="polite"></p>
-<canvas id="view" width="512" height="512"
+<canvas id="view" width="512" height="512" hidden
  aria-label="radiograph with the predicted region"></canvas>
 </section>
 <aside id="results" hidden>
