@@ -1,15 +1,21 @@
-"""Helpers of the ``ptxseg serve`` tests: a real uvicorn on 127.0.0.1 in a thread, a served
-run, a model that can be held (to fill the queue at will)."""
+"""Helpers of the ``ptxseg serve`` tests: a real uvicorn on 127.0.0.1 in a thread, ``ptxseg
+serve`` in a child process, a served run, a model that can be held (to fill the queue at
+will)."""
 
 from __future__ import annotations
 
 import contextlib
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import reap, subprocess_env
 
 pytest.importorskip("fastapi", reason="ptxseg serve needs the serve extra")
 
@@ -28,6 +34,25 @@ def served_run(root: Path, *, removal_area: int = 100, tta: str | None = "hflip"
     save_params(PostParams(binary_threshold=0.5, removal_area=removal_area, size=64),
                 run / "thresholds.json", extra=extra)  # fmt: skip
     return run
+
+
+def start(args: list[str], cwd: Path) -> tuple[subprocess.Popen, str]:
+    """``ptxseg serve ...`` in a child process; returns it and the URL its first line gives."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ptxseg", *args], cwd=cwd, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    line = ""
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        found = re.search(r"on (http://\S+?)/ ", line)
+        if found:
+            return proc, found.group(1)
+        if not line and proc.poll() is not None:
+            break
+    reap(proc)
+    pytest.fail(f"ptxseg serve did not start: {line!r} {proc.stderr.read()}")
 
 
 @contextlib.contextmanager

@@ -12,18 +12,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from ptxseg.cli import main
-from tests.conftest import REPO, reap, subprocess_env
+from tests.conftest import REPO, reap
 
 pytest.importorskip("fastapi", reason="ptxseg serve needs the serve extra")
 
-from tests.serve_util import served_run  # noqa: E402
+from tests.serve_util import served_run, start  # noqa: E402
 
 README = REPO / "README.md"
 README_PORT = "127.0.0.1:8000"
@@ -45,25 +43,6 @@ def readme_serve_block() -> tuple[str, list[str]]:
     curls = [line for line in lines if line.startswith("curl ")]
     assert len(serve) == 1 and len(curls) >= 4 and len(serve) + len(curls) == len(lines), lines
     return serve[0], curls
-
-
-def start(args: list[str], cwd: Path) -> tuple[subprocess.Popen, str]:
-    """``ptxseg serve ...`` in a child process; returns it and the URL its first line gives."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ptxseg", *args], cwd=cwd, env=subprocess_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    line = ""
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        found = re.search(r"on (http://\S+?)/ ", line)
-        if found:
-            return proc, found.group(1)
-        if not line and proc.poll() is not None:
-            break
-    reap(proc)
-    pytest.fail(f"ptxseg serve did not start: {line!r} {proc.stderr.read()}")
 
 
 def listening_addresses(port: int) -> set[str]:
