@@ -25,7 +25,8 @@ back to 1024x1024, the thresholded mask, a mask PNG and an overlay PNG (serve: a
 files written atomically and results.csv). ``--lean`` compares ``images=false`` (JSON with the
 run-length mask only) with ``predict --no-overlays`` instead.
 
-Prints one JSON line per figure on stdout and a Markdown table on stderr. Usage::
+Needs the serve extra and httpx (both in the dev extra). Prints one JSON line per figure on
+stdout and a Markdown table on stderr. Usage::
 
     python benchmarks/serve_load.py [--n 200] [--concurrency 8] [--encoder efficientnet-b0] \\
         [--size 256] [--batch-size 4] [--device auto] [--lean] [--sample DIR] [--keep DIR]
