@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/predict_throughput.py --sample $(SAMPLE)/png_images
 	$(BIN)/python benchmarks/tune_speed.py
 	$(BIN)/python benchmarks/predict_memory.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

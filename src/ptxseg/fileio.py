@@ -324,7 +324,12 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def write_png(path: str | Path, array, *, fast: bool = False) -> None:
-    """Write a uint8 (H, W) or (H, W, 3 BGR) array as PNG, atomically.
+    """Write a uint8 (H, W) or (H, W, 3 BGR) array as PNG (:func:`encode_png`), atomically."""
+    write_bytes(path, encode_png(array, fast=fast, name=str(path)))
+
+
+def encode_png(array, *, fast: bool = False, name: str = "array") -> bytes:
+    """The PNG bytes of a uint8 (H, W) or (H, W, 3 BGR) array.
 
     ``fast``: zlib level 1 with the "Up" row filter instead of OpenCV's default (level 3,
     adaptive filters): radiographs encode about 2x faster into files of about the same size.
@@ -338,8 +343,8 @@ def write_png(path: str | Path, array, *, fast: bool = False) -> None:
             params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
     ok, buf = cv2.imencode(".png", array, params)
     if not ok:  # pragma: no cover - cv2 only fails on unsupported dtypes
-        raise ValueError(f"{path}: could not encode PNG")
-    write_bytes(path, buf.tobytes())
+        raise ValueError(f"{name}: could not encode PNG")
+    return buf.tobytes()
 
 
 def save_figure(path: str | Path, fig, **kwargs: Any) -> None:

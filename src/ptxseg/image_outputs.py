@@ -167,6 +167,18 @@ def seg_path(out: Path, ident: str) -> Path:
     return out / DICOM_SEG / f"{ident}{DICOM_SEG_SUFFIX}"
 
 
+def native_mask(probs: np.ndarray, height: int, width: int, params: PostParams) -> np.ndarray:
+    """predict's mask of one image: the model-resolution ``probs`` back at the image's
+    native ``(height, width)`` (bilinear), then the one :func:`binarize` with the rule's areas
+    scaled to that size. ``ptxseg serve`` calls it too, so both give the same masks.
+
+    Shape:
+        - probs: ``(S, S)`` float32; output: ``(height, width)`` uint8 in {0, 1}
+    """
+    native = probs_to_native(probs, height, width)
+    return binarize(native, params, area_scale=area_scale(params, height, width))
+
+
 def finish(item: Item, probs: np.ndarray, post: Post) -> ImageResult:
     """Native-size post-processing and the per-image files of one prediction (thread pool).
     A DICOM header with a corrupt value makes the image a failed one (nothing written)."""
@@ -177,8 +189,7 @@ def finish(item: Item, probs: np.ndarray, post: Post) -> ImageResult:
         geometry = read_geometry(item.path, item.header)
     except DataError as exc:
         return ImageResult(item.id, item.path, status=f"error: {error_reason(item, exc)}")
-    native = probs_to_native(probs, h, w)
-    mask = binarize(native, post.params, area_scale=area_scale(post.params, h, w))
+    mask = native_mask(probs, h, w, post.params)
     # at model resolution, as evaluate's per_image.csv
     measures = measure(mask, geometry, max_prob=float(probs.max()))
     _write(write_png, post.out / MASKS / f"{item.id}.png", mask * np.uint8(255))

@@ -75,13 +75,16 @@ class TorchModel:
 @dataclass
 class Member:
     """One loaded model of a predictor: its backend object (``probs(x, tta)``), input size,
-    the file it came from and a one-line description (recorded by predict)."""
+    the file it came from, a one-line description (recorded by predict) and its architecture
+    and encoder where known (``ptxseg serve``'s ``/v1/model``)."""
 
     model: Any
     size: int
     path: Path | None = None
     description: str = ""
     run: Run | None = None  # the run folder it was loaded from (its split: its training ids)
+    arch: str | None = None
+    encoder: str | None = None
 
 
 Models = str | Path | Sequence[str | Path] | None
@@ -150,14 +153,17 @@ def load_member(
         from ptxseg.onnx_runtime import OnnxModel, onnx_providers
 
         onnx = OnnxModel(model or run.onnx_path, onnx_providers(prefer_cuda=device != "cpu"))
-        return Member(onnx, onnx.size, onnx.path, f"onnx {onnx.describe()}", run)
+        meta = onnx.metadata
+        return Member(onnx, onnx.size, onnx.path, f"onnx {onnx.describe()}", run=run,
+                      arch=meta.get("ptxseg.arch"), encoder=meta.get("ptxseg.encoder"))  # fmt: skip
     dev = hardware.resolve_device(device)
     net, info = run.load_model(which, checkpoint=model)
     do_compile = hardware.inference_compile(compile, dev, n_images)
     what = f"{info.describe()}, {hardware.describe(dev, compiled=do_compile)}"
     return Member(
         TorchModel(net, dev, compile=do_compile), info.size, info.path,
-        f"torch {info.path} ({what})", run,
+        f"torch {info.path} ({what})", run=run, arch=info.model.arch,
+        encoder=info.model.encoder,
     )  # fmt: skip
 
 

@@ -18,17 +18,25 @@ Only regular files are read (:func:`ptxseg.fileio.open_regular`): a FIFO, a devi
 symlink loop is a ``DataError`` at once, never a read that waits forever.
 
 Every failure is a :class:`~ptxseg.errors.DataError` naming the file. Headers that claim more
-than ``MAX_PIXELS`` pixels are refused before anything is allocated.
+than ``MAX_PIXELS`` pixels are refused before anything is allocated. An image that reads but
+cannot be used (a DICOM without pixel data or whose pixel data no installed handler decodes,
+a header over the pixel limit) is the subclass :class:`UnsupportedImage`; an upload tells the
+two apart (``ptxseg serve``: 422 vs 400).
+
+Images held in memory (an upload) are read by :func:`read_image_bytes` with the same decoders,
+limits and messages, named by the name they are given.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +46,13 @@ from ptxseg.errors import DataError
 from ptxseg.fileio import open_regular
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) Pixel Data, little endian
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"} | DICOM_SUFFIXES
+
+
+class UnsupportedImage(DataError):
+    """An image whose header reads but that cannot be used: no pixel data, pixel data no
+    installed handler decodes, more pixels than the limit."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +84,9 @@ def is_dicom(path: str | Path) -> bool:
         return False
 
 
-def _check_pixels(path: Path, width: int, height: int, frames: int = 1, channels: int = 1) -> None:
+def _check_pixels(
+    path: Path | str, width: int, height: int, frames: int = 1, channels: int = 1
+) -> None:
     total = int(width) * int(height) * max(int(frames), 1) * max(int(channels), 1)
     if width <= 0 or height <= 0:
         raise DataError(path, f"header claims an empty image ({width}x{height})")
@@ -78,7 +94,7 @@ def _check_pixels(path: Path, width: int, height: int, frames: int = 1, channels
         what = f"{width}x{height} pixels"
         if frames > 1 or channels > 1:
             what += f" x {frames} frame(s) x {channels} sample(s)"
-        raise DataError(path, f"header claims {what}, above the {MAX_PIXELS} limit; refused")
+        raise UnsupportedImage(path, f"header claims {what}, above the {MAX_PIXELS} limit; refused")
 
 
 def _stretch(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -102,7 +118,7 @@ def _to_gray(arr: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- raster (Pillow)
 
 
-def _open_pil(path: Path, fh):
+def _open_pil(path: Path | str, fh):
     """Open the image in the handle ``fh`` of ``path`` (from :func:`open_regular`)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -111,7 +127,7 @@ def _open_pil(path: Path, fh):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(fh)
     except Image.DecompressionBombError as exc:
-        raise DataError(path, f"header claims too many pixels; refused ({exc})") from None
+        raise UnsupportedImage(path, f"header claims too many pixels; refused ({exc})") from None
     except UnidentifiedImageError:
         raise DataError(path, "not a readable image (unknown or corrupt format)") from None
     except OSError as exc:
@@ -128,7 +144,7 @@ def _load_pil(path: Path, *, palette_indices: bool = False) -> tuple[np.ndarray,
         return _decode_pil(path, _open_pil(path, fh), palette_indices)
 
 
-def _decode_pil(path: Path, im, palette_indices: bool) -> tuple[np.ndarray, str]:
+def _decode_pil(path: Path | str, im, palette_indices: bool) -> tuple[np.ndarray, str]:
     from PIL import Image
 
     try:
@@ -173,19 +189,25 @@ _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def _dcmread(path: Path, **kwargs):
+    with open_regular(path) as fh:
+        return _dcmread_from(path, fh, **kwargs)
+
+
+def _dcmread_from(path: Path | str, fh, **kwargs):
+    """A DICOM dataset from the binary handle ``fh`` (a file, or an upload's bytes), named
+    ``path`` in errors."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        with open_regular(path) as fh:
-            try:
-                return pydicom.dcmread(fh, **kwargs)
-            except InvalidDicomError:
-                fh.seek(0)
-                ds = pydicom.dcmread(fh, force=True, **kwargs)
-                if "Rows" not in ds and "SOPInstanceUID" not in ds:
-                    raise DataError(path, "not a DICOM file") from None
-                return ds
+        try:
+            return pydicom.dcmread(fh, **kwargs)
+        except InvalidDicomError:
+            fh.seek(0)
+            ds = pydicom.dcmread(fh, force=True, **kwargs)
+            if "Rows" not in ds and "SOPInstanceUID" not in ds:
+                raise DataError(path, "not a DICOM file") from None
+            return ds
     except DataError:
         raise
     except Exception as exc:  # pydicom raises many types on corrupt headers
@@ -193,7 +215,7 @@ def _dcmread(path: Path, **kwargs):
 
 
 @contextlib.contextmanager
-def _dicom_errors(path: Path) -> Iterator[None]:
+def _dicom_errors(path: Path | str) -> Iterator[None]:
     """Corrupt header values surface lazily, when an element is first read (unknown VR,
     empty multi-valued window, non-numeric strings...): any such failure -> DataError."""
     try:
@@ -230,11 +252,11 @@ def _read_dicom(path: Path) -> np.ndarray:
         return _dicom_to_uint8(path, ds)
 
 
-def _dicom_to_uint8(path: Path, ds) -> np.ndarray:
+def _dicom_to_uint8(path: Path | str, ds) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     if not _has_pixels(ds):
-        raise DataError(path, "DICOM file has no pixel data")
+        raise UnsupportedImage(path, "DICOM file has no pixel data")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -244,7 +266,7 @@ def _dicom_to_uint8(path: Path, ds) -> np.ndarray:
     except Exception as exc:  # missing handler, corrupt stream ...
         tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(tsyntax, "name", tsyntax) or "unknown transfer syntax"
-        raise DataError(path, f"cannot decode DICOM pixel data ({name}): {exc}") from None
+        raise UnsupportedImage(path, f"cannot decode DICOM pixel data ({name}): {exc}") from None
     if arr.ndim == (3 if samples == 1 else 4):  # several frames (declared, or excess data
         arr = arr[0]  # that pydicom returns as extra frames): the first one
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -294,7 +316,7 @@ def probe_image(path: str | Path) -> ImageInfo:
         ds = _dcmread(path, defer_size="64 KB")
         with _dicom_errors(path):
             if not _has_pixels(ds):
-                raise DataError(path, "DICOM file has no pixel data")
+                raise UnsupportedImage(path, "DICOM file has no pixel data")
             w, h = int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
             ch = int(ds.get("SamplesPerPixel", 1) or 1)
             _check_pixels(path, w, h, int(ds.get("NumberOfFrames", 1) or 1), ch)
@@ -352,6 +374,42 @@ def read_image_header(path: str | Path) -> tuple[np.ndarray, object | None]:
             if tag in ds:
                 delattr(ds, tag)
     return image, ds
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image read from memory: the ``uint8`` (H, W) gray image, the format read
+    (``"DICOM"``, ``"PNG"``, ``"JPEG"`` ...) and, for a DICOM, its pydicom dataset."""
+
+    image: np.ndarray
+    format: str
+    dataset: Any = None
+
+
+def read_image_bytes(data: bytes, name: str = "upload") -> DecodedImage:
+    """Read an image held in memory as :func:`read_image` reads a file: the same decoders,
+    pixel limit and messages, ``name`` in place of the file name.
+
+    A DICOM is recognised by the ``DICM`` magic at byte 128 (the DICOM file preamble) or by a
+    ``.dcm`` / ``.dicom`` ``name``; anything else is read by Pillow.
+
+    Raises:
+        DataError: empty, unknown, truncated or corrupt bytes (:class:`UnsupportedImage`: a
+            DICOM without usable pixel data, a header over the pixel limit).
+    """
+    if not data:
+        raise DataError(name, "empty upload (no bytes)")
+    fh = io.BytesIO(data)
+    if data[128:132] == b"DICM" or Path(name).suffix.lower() in DICOM_SUFFIXES:
+        ds = _dcmread_from(name, fh)
+        if not _has_pixels(ds) and _PIXEL_DATA_TAG in data:  # pydicom drops a cut element
+            raise DataError(name, "truncated DICOM: its pixel data is cut short")
+        with _dicom_errors(name):
+            return DecodedImage(_dicom_to_uint8(name, ds), "DICOM", ds)
+    im = _open_pil(name, fh)
+    fmt = im.format or "image"
+    arr, mode = _decode_pil(name, im, palette_indices=False)
+    return DecodedImage(_raster_to_uint8(arr, mode), fmt)
 
 
 def read_mask_raw(path: str | Path) -> np.ndarray:

@@ -1,0 +1,24 @@
+"""``ptxseg serve``: an HTTP inference service and a browser viewer for one run.
+
+- :mod:`ptxseg.serve.service`: the model loaded once, admission, the stages of a request;
+- :mod:`ptxseg.serve.batcher`: micro-batches of concurrent requests on one worker thread;
+- :mod:`ptxseg.serve.upload`: request bodies under a size limit, multipart parsed in memory;
+- :mod:`ptxseg.serve.app`: the FastAPI routes and the answer to every failure;
+- :mod:`ptxseg.serve.page`: the viewer page and the API reference, self-contained.
+
+It needs the ``serve`` extra (FastAPI, uvicorn, python-multipart): ``pip install
+'ptxseg[serve]'``. The command line checks for it first (:func:`missing_extra`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+#: the packages of the ``serve`` extra, by import name
+EXTRA_MODULES = ("fastapi", "uvicorn", "python_multipart")
+EXTRA_HINT = "pip install 'ptxseg[serve]'"
+
+
+def missing_extra() -> list[str]:
+    """The packages of the ``serve`` extra that are not installed."""
+    return [m for m in EXTRA_MODULES if importlib.util.find_spec(m) is None]
