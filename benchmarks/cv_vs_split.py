@@ -11,8 +11,10 @@ A quarter of the images is held out first as a common test set (stratified, seed
 
 Then ``ptxseg evaluate``: each fold on its own validation images (the CV rule), the single run
 on its validation split (its own rule), and on the held-out test set: the ensemble of the folds,
-each fold alone (the CV rule) and the single run (its rule). One JSON line per figure; the
-dataset subsets are manifest CSVs under ``--work`` (the images are read where they are).
+each fold alone (the CV rule) and the single run (its rule). One JSON line per figure (95%
+percentile-bootstrap intervals over images, and paired ones for the ensemble's differences on
+the test set); the dataset subsets are manifest CSVs under ``--work`` (the images are read
+where they are). Figures of a CPU run on the 108-image sample: docs/accuracy.md.
 
     python benchmarks/cv_vs_split.py --data ../shared/data/siim-sample --work /tmp/ptxseg-cv
 
@@ -53,13 +55,15 @@ def settings(args: argparse.Namespace) -> list[str]:
     out: list[str] = []
     for k, v in sets.items():
         out += ["--set", f"{k}={'null' if v is None else v}"]
+    for extra in args.set:
+        out += ["--set", extra]
     return out
 
 
 def run(cmd: list[str]) -> float:
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    code = subprocess.run(cmd).returncode
+    code = subprocess.run(cmd, stdout=sys.stderr).returncode  # stdout: only the JSON lines
     if code:
         sys.exit(f"cv_vs_split.py: `{' '.join(cmd[2:4])}` failed (exit code {code})")
     return time.perf_counter() - t0
@@ -85,20 +89,69 @@ def write_subsets(data: Path, work: Path, seed: int) -> tuple[Path, Path]:
     return paths["dev"], paths["test"]
 
 
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)
+
+
+def image_stats(out: Path) -> list:
+    """The per-image pixel counts of an evaluation (its ``per_image.csv``)."""
+    from ptxseg.metrics import ImageStats
+
+    with open(out / "per_image.csv", newline="") as fh:
+        return [ImageStats(r["id"], int(r["tp"]), int(r["fp"]), int(r["fn"]), 0,
+                           float(r["max_prob"])) for r in csv.DictReader(fh)]  # fmt: skip
+
+
 def metrics(path: Path) -> dict:
+    """An evaluation's figures, with 95% percentile-bootstrap intervals over its images
+    (:func:`ptxseg.metrics.bootstrap_cis`, 2000 resamples, seed 0) from its per_image.csv."""
+    from ptxseg.metrics import bootstrap_cis
+
     m = json.loads(path.read_text())
-    p = m["pooled"]
+    p, d = m["pooled"], m["detection"]
+    cis = bootstrap_cis(image_stats(path.parent))["intervals"]
     return {
         "images": m["n_images"],
         "positive": m["n_positive"],
-        "pooled_dice": round(p["f1"], 4) if p["f1"] is not None else None,
-        "pooled_iou": round(p["iou"], 4) if p["iou"] is not None else None,
-        "siim_per_image_dice": round(m["per_image"]["kaggle_dice"], 4),
-        "detection_auc": m["detection"]["auc"] and round(m["detection"]["auc"], 4),
+        "pooled_dice": _r(p["f1"]),
+        "pooled_iou": _r(p["iou"]),
+        "siim_per_image_dice": _r(m["per_image"]["kaggle_dice"]),
+        "dice_positive_mean": _r(m["per_image"]["dice_positive_mean"]),
+        "sensitivity": _r(d["sensitivity"]),
+        "specificity": _r(d["specificity"]),
+        "detection_auc": _r(d["auc"]),
+        "ci95": {k.split(".")[1]: v and [round(x, 4) for x in v] for k, v in cis.items()},
         "tp": p["tp"], "fp": p["fp"], "fn": p["fn"],
         "rule": m["thresholds"],
         "members": len(m["members"]),
     }  # fmt: skip
+
+
+def paired_difference(a: Path, b: Path, n: int = 2000, seed: int = 0) -> dict:
+    """95% percentile-bootstrap intervals of evaluation ``a`` minus evaluation ``b`` on the same
+    images, each resample drawing the same images for both: pooled Dice and SIIM per-image
+    Dice."""
+    import numpy as np
+
+    from ptxseg.metrics import dice_scores
+
+    sa, sb = image_stats(a), image_stats(b)
+    if [s.id for s in sa] != [s.id for s in sb]:
+        sys.exit(f"cv_vs_split.py: {a} and {b} evaluated other images")
+    arr = {k: np.array([[getattr(s, k) for s in st] for st in (sa, sb)], float)
+           for k in ("tp", "fp", "fn")}  # fmt: skip
+    dice = dice_scores(arr["tp"], arr["fp"], arr["fn"])
+    idx = np.random.default_rng(seed).integers(0, len(sa), size=(n, len(sa)))
+    tp, fp, fn = (arr[k][:, idx].sum(axis=2) for k in ("tp", "fp", "fn"))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = 2 * tp / (2 * tp + fp + fn)
+    per_image = dice[:, idx].mean(axis=2)
+    out = {}
+    for name, v in (("pooled_dice", pooled), ("siim_per_image_dice", per_image)):
+        diff = v[0] - v[1]
+        diff = diff[np.isfinite(diff)]
+        out[name] = [round(float(x), 4) for x in np.quantile(diff, [0.025, 0.975])]
+    return out
 
 
 def pooled(records: list[dict]) -> dict:
@@ -155,6 +208,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other config override for every run (repeatable), e.g. "
+                    "loss.name=tversky")  # fmt: skip
     ap.add_argument("--skip-train", action="store_true", help="tune/evaluate existing runs")
     ap.add_argument("--report", action="store_true", help="only print the figures")
     args = ap.parse_args()
@@ -198,6 +254,12 @@ def main() -> None:
               **metrics(fold / "eval-test" / "metrics.json")})  # fmt: skip
     emit({"what": "test: single split run, its rule",
           **metrics(single / "eval-test" / "metrics.json")})  # fmt: skip
+    ens = cv / "eval-test"
+    emit({"what": "test, paired bootstrap 95% interval: ensemble minus single run",
+          **paired_difference(ens, single / "eval-test")})  # fmt: skip
+    for i, fold in enumerate(folds):
+        emit({"what": f"test, paired bootstrap 95% interval: ensemble minus fold {i}",
+              **paired_difference(ens, fold / "eval-test")})  # fmt: skip
 
 
 if __name__ == "__main__":

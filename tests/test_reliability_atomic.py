@@ -40,6 +40,10 @@ ALLOWED = {
         "whole-folder atomicity: the copy is built in a hidden sibling folder whose files are "
         "each written with fileio, then renamed into place in one step"
     ),
+    ("cv.py", "os.replace(tmp, path)"): (
+        "cv.json is written whole with fileio.write_json to a hidden temp file, then linked (or, "
+        "without hard links, renamed) into place so that one of several creators wins"
+    ),
     ("export.py", "torch.onnx.export(wrapper, (sample,), str(path), dynamo=False, "
      "opset_version=opset, dynamic_axes={INPUT_NAME: {0: 'batch'}, OUTPUT_NAME: {0: 'batch'}}, "
      "**kwargs)"): (
