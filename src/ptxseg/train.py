@@ -44,6 +44,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
 from ptxseg import hardware
+from ptxseg.compilation import AutotuneFullBatches, CompileStatus, Decision, planned_steps
+from ptxseg.compilation import plan as compile_plan
 from ptxseg.config import Config, save_config
 from ptxseg.data.inspect import non_binary_masks
 from ptxseg.data.records import Record
@@ -60,7 +62,7 @@ from ptxseg.resume import (
     record_resume,
 )
 from ptxseg.run import BEST, LAST, Run
-from ptxseg.trainer import build_trainer, quiet_lightning, writing
+from ptxseg.trainer import build_trainer, hardware_kwargs, quiet_lightning, writing
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -93,6 +95,20 @@ def make_loader(cfg: Config, records: Sequence[Record], *, train: bool, device: 
         worker_init_fn=worker_init,
         **hardware.loader_kwargs(device, workers, persistent=True),
     )
+
+
+def speed_callbacks(cfg: Config, module: SegModule, *, progress: bool = True) -> list:
+    """The callbacks of a fast first epoch: the compile's status and eager validation
+    (:class:`~ptxseg.compilation.CompileStatus`, when compiled) and cuDNN autotuning for full
+    batches only (:class:`~ptxseg.compilation.AutotuneFullBatches`, with CUDA autotuning)."""
+    callbacks: list = []
+    plan = module.compile_plan
+    if module.compiled is not None:
+        callbacks.append(CompileStatus(module.compiled, plan.location, plan.key,
+                                       plan.compiled_before, show=progress))  # fmt: skip
+    if hardware_kwargs(cfg)["benchmark"]:
+        callbacks.append(AutotuneFullBatches(cfg.train.batch_size))
+    return callbacks
 
 
 def _warn_non_binary(records: Sequence[Record], data: Path) -> None:
@@ -243,8 +259,12 @@ def prepare(
             init_state, ckpt, sha, normalization = load_init_weights(cfg)
             init = {"source": str(Path(cfg.model.init_from).resolve()),
                     "checkpoint": str(ckpt.resolve()), "sha256": sha}  # fmt: skip
+        processes = hardware.device_count(cfg.train.devices, device) * cfg.train.num_nodes
+        steps = planned_steps(len(train_recs), cfg.train.batch_size,
+                              cfg.train.epochs - (plan.done if plan else 0), processes)  # fmt: skip
         module = build_module(
-            cfg, pretrained=last is None, init_state=init_state, normalization=normalization
+            cfg, pretrained=last is None, init_state=init_state, normalization=normalization,
+            compile_plan=compile_plan(cfg, device, steps),
         )
     module.warn_no_positive = module_warns
     module.restart_schedule = plan is not None and plan.extend_from is not None
@@ -282,7 +302,8 @@ def prepare(
         elif rank == 0 and plan is not None:
             record_resume(cfg, run, plan)
         training.announcement = _announcement(
-            cfg, device, layout, len(train_recs), len(val_recs), out, plan
+            cfg, device, layout, len(train_recs), len(val_recs), out, plan,
+            module.compile_plan.decision,
         ) + (f"\n{weights_report.summary()}" if weights_report is not None else "")
         with _restore_sigint(), quiet_lightning():
             training.loaders = (
@@ -290,7 +311,8 @@ def prepare(
                 make_loader(cfg, val_recs, train=False, device=device),
             )
             training.trainer = build_trainer(
-                cfg, out, progress=progress, restart_patience=module.restart_schedule
+                cfg, out, progress=progress, restart_patience=module.restart_schedule,
+                callbacks=speed_callbacks(cfg, module, progress=progress and rank == 0),
             )
     return training
 
@@ -333,13 +355,14 @@ def _announcement(
     n_val: int,
     out: Path,
     plan: ResumePlan | None,
+    compile_decision: Decision | None = None,
 ) -> str:
-    """One line: the data, the hardware, the model and what happens to the run folder."""
+    """One line: the data, the hardware (with the compile decision where it is not the
+    CPU's plain eager default), the model and what happens to the run folder."""
     processes = hardware.device_count(cfg.train.devices, device) * cfg.train.num_nodes
-    hw = (
-        f"{device} x{processes}, {hardware.lightning_precision(cfg.train.precision, device)}"
-        + (", compiled" if hardware.resolve_switch(cfg.train.compile, device) else "")
-    )
+    hw = f"{device} x{processes}, {hardware.lightning_precision(cfg.train.precision, device)}"
+    if compile_decision is not None and (compile_decision.on or device == "cuda"):
+        hw += f", {compile_decision}"
     if plan is None or plan.last is None:
         what = f"writing {out}"
     elif plan.extend_from is not None:
