@@ -16,8 +16,9 @@ way training does (``ptxseg.lightning_module.build_module`` with ``train.compile
   compiling it (first call, then steady): what a second set of graphs would cost.
 
 One JSON line per run, then ``summary`` lines with the ratios regional/whole (cold and warm
-first step; steady speed whole/regional, 1.0 = as fast as whole). The machine's load average
-is recorded at the start and the end (``os.getloadavg``).
+first step; steady speed regional/whole, 1.0 = as fast as whole; warm/cold first step). Each
+run has ``--timeout`` seconds (then its process group is killed: a ``timeout`` line). The
+machine's load average is recorded at the start and after each run (``os.getloadavg``).
 
 Usage::
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -173,12 +175,22 @@ def run_child(args, variant: str, run: str, cache: Path) -> dict | None:
            *(["--eval"] if args.eval else []),
            *[a for kv in args.sets for a in ("--set", kv)]]  # fmt: skip
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    # its own process group: past --timeout the child and the inductor's compile workers die
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        emit({"figure": "timeout", "variant": variant, "run": run,
+              "after_s": round(time.perf_counter() - t0, 1), "load_avg": load()})  # fmt: skip
+        return None
     if proc.returncode != 0:
         emit({"figure": "error", "variant": variant, "run": run,
-              "stderr": proc.stderr.strip().splitlines()[-5:]})  # fmt: skip
+              "stderr": err.strip().splitlines()[-5:]})  # fmt: skip
         return None
-    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    record = json.loads(out.strip().splitlines()[-1])
     record["process_wall_s"] = round(time.perf_counter() - t0, 2)
     return record
 
@@ -228,9 +240,20 @@ def main(argv: list[str] | None = None) -> int:
             emit({"figure": "summary", "run": run,
                   "regional_over_whole_first_step": round(
                       regional["first_step_s"] / whole["first_step_s"], 3),
-                  "whole_over_regional_steady_ms": round(
+                  "regional_over_whole_process_to_first_step": round(
+                      regional["process_to_first_step_s"]
+                      / whole["process_to_first_step_s"], 3),
+                  "steady_speed_regional_over_whole": round(
                       whole["steady_ms"] / regional["steady_ms"], 3),
                   "load_avg": load()})  # fmt: skip
+    for variant in ("whole", "regional"):
+        cold, warm = got.get((variant, "cold")), got.get((variant, "warm"))
+        if cold and warm:
+            emit({"figure": "summary", "variant": variant,
+                  "warm_over_cold_first_step": round(
+                      warm["first_step_s"] / cold["first_step_s"], 3),
+                  "warm_over_cold_process_to_first_step": round(
+                      warm["process_to_first_step_s"] / cold["process_to_first_step_s"], 3)})
     eager = got.get(("eager", "cold"))
     for variant in ("whole", "regional"):
         if eager and (variant, "cold") in got:
