@@ -204,7 +204,7 @@ class TrainConfig(_Section):
         description="torch.compile for training: regional = the repeated blocks (stem and head "
         "eager; true means regional), whole = the whole network, false = eager; auto = "
         "regional on CUDA when the planned steps repay the compile twice over, else eager "
-        "(docs/benchmarks.md: compile)",
+        "(docs/training-options.md: train.compile)",
     )
     compile_cache: str | None = Field(
         None,
