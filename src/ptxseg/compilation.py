@@ -178,7 +178,7 @@ def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
     """``$XDG_CACHE_HOME/ptxseg/inductor``, else ``~/.cache/ptxseg/inductor``."""
     env = os.environ if environ is None else environ
     base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "ptxseg" / "inductor"
+    return Path(base) / "ptxseg" / "inductor"
 
 
 def torch_default_cache_dir() -> str:
@@ -197,9 +197,9 @@ def cache_location(setting: str | None, environ: Mapping[str, str] | None = None
     env = os.environ if environ is None else environ
     user = env.get(CACHE_ENV)
     if user and user not in (_set_by_us, torch_default_cache_dir()):
-        return CacheLocation(Path(user).expanduser(), CACHE_ENV)
+        return CacheLocation(Path(user), CACHE_ENV)
     if setting:
-        return CacheLocation(Path(setting).expanduser(), "train.compile_cache")
+        return CacheLocation(Path(setting), "train.compile_cache")
     return CacheLocation(default_cache_dir(env), "default")
 
 
