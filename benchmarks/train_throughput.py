@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
 
+    from ptxseg.compilation import decide
     from ptxseg.config import load_config
     from ptxseg.data.sources import load_records
     from ptxseg.hardware import resolve_switch
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         **machine(),
         "device": hw["accelerator"],
         "precision": hw["precision"],
-        "compile": resolve_switch(cfg.train.compile, hw["accelerator"]),
+        "compile": decide(cfg.train.compile, hw["accelerator"]).mode,  # off/regional/whole
         "channels_last": resolve_switch(cfg.train.channels_last, hw["accelerator"]),
         "encoder": cfg.model.encoder,
         "size": cfg.data.size,

@@ -1,5 +1,5 @@
 """Training augmentation: the paper's albumentations pipeline. The only module that imports
-albumentations.
+albumentations (with its online update check off).
 
 The train pipeline (the paper's code, albumentations 2.x names):
 
@@ -26,11 +26,17 @@ always applied together); sharing one generator avoids that and keeps runs repro
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from typing import Any
 
-import albumentations as A
+# albumentations asks PyPI for a newer version when imported (albumentations/__init__.py,
+# check_version.check_for_updates: a 2 s request, "Error fetching version info" offline);
+# NO_ALBUMENTATIONS_UPDATE=1 is its switch. ptxseg reaches for no network it was not asked to.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
 import cv2
 import numpy as np
 

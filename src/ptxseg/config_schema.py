@@ -199,8 +199,18 @@ class TrainConfig(_Section):
         description="numeric precision: auto = bf16-mixed on GPUs that support it, else "
         "16-mixed on CUDA, 32 on CPU",
     )
-    compile: Literal["auto", True, False] = Field(
-        "auto", description="torch.compile the model; auto = on with CUDA"
+    compile: Literal["auto", "regional", "whole", True, False] = Field(
+        "auto",
+        description="torch.compile for training: regional = the repeated blocks (stem and head "
+        "eager; true means regional), whole = the whole network, false = eager; auto = "
+        "regional on CUDA when the planned steps repay the compile twice over, else eager "
+        "(docs/training-options.md: train.compile)",
+    )
+    compile_cache: str | None = Field(
+        None,
+        description="folder of the persistent compile cache (inductor); null = "
+        "$XDG_CACHE_HOME/ptxseg/inductor or ~/.cache/ptxseg/inductor; a "
+        "TORCHINDUCTOR_CACHE_DIR set in the environment wins",
     )
     devices: int | Literal["auto"] = Field(
         1, description="devices (GPUs) per machine; DDP when more than one; auto = all GPUs"

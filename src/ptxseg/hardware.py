@@ -12,11 +12,13 @@ Rules:
   Lightning's name) when CUDA is missing is an error naming the option;
 - precision ``auto``: bf16 autocast on a GPU that has it, fp16 on older GPUs, fp32 elsewhere
   (:func:`autocast_dtype`; Lightning's precision string is derived from it);
-- ``compile`` / ``channels_last`` ``auto``: on with CUDA; prediction compiles only for at least
-  :data:`COMPILE_MIN_IMAGES` images (the warm-up pays off on large folders only);
+- ``channels_last`` ``auto``: on with CUDA; prediction compiles only on CUDA for at least
+  :data:`COMPILE_MIN_IMAGES` images (the warm-up pays off on large folders only); training's
+  compile: :mod:`ptxseg.compilation`;
 - prediction batch: :data:`INFERENCE_BATCH` images on CUDA, :data:`CPU_BATCH` elsewhere;
   reading workers: one per core, at most :data:`MAX_INFERENCE_WORKERS`;
-- training workers: this process's share of the cores minus one, at most 16.
+- training workers: this process's share of the cores minus one, at most 16; workers start
+  with ``forkserver`` on CUDA, ``fork`` elsewhere (:func:`worker_start_method`).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def lightning_precision(setting: str, device: str) -> str:
 
 
 def resolve_switch(setting: Any, device: str) -> bool:
-    """``auto`` -> on with CUDA (``train.compile``, ``train.channels_last``)."""
+    """``auto`` -> on with CUDA (``train.channels_last``)."""
     return device == "cuda" if setting == "auto" else bool(setting)
 
 
@@ -141,14 +143,51 @@ def inference_compile(setting: bool | None, device: str, n_images: int) -> bool:
     return device == "cuda" and n_images >= COMPILE_MIN_IMAGES
 
 
-def loader_kwargs(device: str, workers: int, *, prefetch: int = 4, persistent: bool = False):
-    """The ``DataLoader`` arguments that depend on the hardware: worker processes, pinned
-    memory on CUDA, prefetching and worker persistence."""
+#: what a forkserver imports once, before forking DataLoader workers from it (each worker
+#: then starts with torch, OpenCV and albumentations loaded instead of importing them itself)
+FORKSERVER_PRELOAD = ["ptxseg.data.dataset", "ptxseg.augment"]
+
+
+def worker_start_method(device: str) -> str | None:
+    """How DataLoader workers start: ``forkserver`` with CUDA (forking a process that holds a
+    CUDA context and its threads may deadlock; Python 3.12 warns "This process is
+    multi-threaded, use of fork() may lead to deadlocks in the child"), ``fork`` elsewhere on
+    POSIX (cheapest; OpenCV's thread pool is handled in the worker,
+    :func:`ptxseg.data.dataset.worker_init`), ``None`` where fork does not exist (the
+    platform's ``spawn``). docs/benchmarks.md: the cost of each."""
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" not in methods:
+        return None
+    return "forkserver" if device == "cuda" and "forkserver" in methods else "fork"
+
+
+def _context(method: str | None):
+    import multiprocessing
+
+    if method is None:
+        return None
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(FORKSERVER_PRELOAD)  # no effect once it runs
+    return context
+
+
+def loader_kwargs(
+    device: str, workers: int, *, prefetch: int = 4, persistent: bool = False,
+    start_method: str | None = "auto",
+):  # fmt: skip
+    """The ``DataLoader`` arguments that depend on the hardware: worker processes, how they
+    start (``start_method``: ``auto`` = :func:`worker_start_method`), pinned memory on
+    CUDA, prefetching and worker persistence."""
+    method = worker_start_method(device) if start_method == "auto" else start_method
     return {
         "num_workers": workers,
         "pin_memory": device == "cuda",
         "prefetch_factor": prefetch if workers else None,
         "persistent_workers": persistent and workers > 0,
+        "multiprocessing_context": _context(method) if workers else None,
     }
 
 
@@ -164,11 +203,6 @@ def place_for_inference(model, device: str, *, compile: bool = False):
     if compile:
         model = torch.compile(model, dynamic=False)
     return model
-
-
-def compile_for_training(model) -> None:
-    """``torch.compile`` in place (``Module.compile``): the state_dict keys stay the same."""
-    model.compile()
 
 
 def describe(device: str, *, compiled: bool = False) -> str:

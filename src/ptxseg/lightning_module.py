@@ -19,7 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from ptxseg import hardware
+from ptxseg import compilation, hardware
 from ptxseg.checkpoint import checkpoint_info
 from ptxseg.config import Config
 from ptxseg.errors import PtxsegError
@@ -240,10 +240,13 @@ def build_module(
     pretrained: bool = True,
     init_state: dict[str, torch.Tensor] | None = None,
     normalization: Normalization | None = None,
+    compile_plan: compilation.Plan | None = None,
 ) -> SegModule:
     """The module with the config's channels_last/compile settings applied; ``init_state``:
     weights to start from (``model.init_from``), loaded before compiling, with the
-    ``normalization`` they were trained with."""
+    ``normalization`` they were trained with. ``compile_plan``: what to compile
+    (:func:`ptxseg.compilation.plan`; default: from the config, the planned steps unknown);
+    a compiled module keeps it in ``compile_plan`` and what it compiled in ``compiled``."""
     device = hardware.resolve_device(cfg.train.accelerator, "train.accelerator")
     module = SegModule(
         cfg,
@@ -255,6 +258,11 @@ def build_module(
         module.model.load_state_dict(init_state, strict=True)
     if hardware.device_count(cfg.train.devices, device) * cfg.train.num_nodes > 1:
         freeze_unused_parameters(module.model)
-    if hardware.resolve_switch(cfg.train.compile, device):
-        hardware.compile_for_training(module.model)  # in place: state_dict keys stay model.*
+    plan = compile_plan if compile_plan is not None else compilation.plan(cfg, device)
+    module.compile_plan = plan
+    module.compiled = None
+    if plan.decision.on:
+        compilation.use_cache(plan.location)
+        # in place: state_dict keys stay model.*
+        module.compiled = compilation.compile_model(module.model, plan.decision.mode)
     return module

@@ -5,7 +5,8 @@ The network is wrapped in :class:`SegModel`, which takes raw gray radiographs (v
 expect (:mod:`ptxseg.normalization`) after repeating the gray channel three times. The data
 pipeline therefore ships uint8 to the device (4x less transfer than float32), and an exported
 ONNX graph needs no preprocessing beyond a resize. Reading and writing checkpoints:
-:mod:`ptxseg.checkpoint`.
+:mod:`ptxseg.checkpoint`; downloadable encoder weights are checked first (:mod:`ptxseg.hub`:
+the cache, else one quick error where they cannot be downloaded).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from ptxseg.config import ModelConfig
 from ptxseg.errors import ConfigError
+from ptxseg.hub import require_weights
 from ptxseg.normalization import IMAGENET, Normalization, for_weights, weights_file
 
 
@@ -100,9 +102,10 @@ def build_model(
     if local_file is not None:
         weights = None
     try:
-        net = archs[arch](
-            encoder_name=cfg.encoder, encoder_weights=weights, in_channels=3, classes=1
-        )
+        with require_weights(cfg.encoder, weights):  # cached, or one quick error offline
+            net = archs[arch](
+                encoder_name=cfg.encoder, encoder_weights=weights, in_channels=3, classes=1
+            )
     except KeyError as exc:
         raise ConfigError(
             f"model.encoder_weights: '{cfg.encoder_weights}' is not available for "

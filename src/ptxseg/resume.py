@@ -38,6 +38,7 @@ RESUMABLE_KEYS = frozenset(
         "train.accelerator",
         "train.precision",
         "train.compile",
+        "train.compile_cache",
         "train.channels_last",
         "train.log_every",
         "train.deterministic",

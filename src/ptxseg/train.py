@@ -44,6 +44,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
 from ptxseg import hardware
+from ptxseg.compilation import AutotuneFullBatches, CompileStatus, Decision, planned_steps
+from ptxseg.compilation import plan as compile_plan
 from ptxseg.config import Config, save_config
 from ptxseg.data.folds import SplitFile
 from ptxseg.data.inspect import non_binary_masks
@@ -62,7 +64,7 @@ from ptxseg.resume import (
 )
 from ptxseg.run import BEST, LAST, Run
 from ptxseg.tracking import LogConfig, build_loggers, recorded
-from ptxseg.trainer import build_trainer, quiet_lightning, writing
+from ptxseg.trainer import build_trainer, hardware_kwargs, quiet_lightning, writing
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -101,6 +103,20 @@ def make_loader(cfg: Config, records: Sequence[Record], *, train: bool, device: 
         worker_init_fn=worker_init,
         **hardware.loader_kwargs(device, workers, persistent=True),
     )
+
+
+def speed_callbacks(cfg: Config, module: SegModule, *, progress: bool = True) -> list:
+    """The callbacks of a fast first epoch: the compile's status and eager validation
+    (:class:`~ptxseg.compilation.CompileStatus`, when compiled) and cuDNN autotuning for full
+    batches only (:class:`~ptxseg.compilation.AutotuneFullBatches`, with CUDA autotuning)."""
+    callbacks: list = []
+    plan = module.compile_plan
+    if module.compiled is not None:
+        callbacks.append(CompileStatus(module.compiled, plan.location, plan.key,
+                                       plan.compiled_before, show=progress))  # fmt: skip
+    if hardware_kwargs(cfg)["benchmark"]:
+        callbacks.append(AutotuneFullBatches(cfg.train.batch_size))
+    return callbacks
 
 
 def _warn_non_binary(records: Sequence[Record], data: Path) -> None:
@@ -265,8 +281,12 @@ def prepare(
             init_state, ckpt, sha, normalization = load_init_weights(cfg)
             init = {"source": str(Path(cfg.model.init_from).resolve()),
                     "checkpoint": str(ckpt.resolve()), "sha256": sha}  # fmt: skip
+        processes = hardware.device_count(cfg.train.devices, device) * cfg.train.num_nodes
+        steps = planned_steps(len(train_recs), cfg.train.batch_size,
+                              cfg.train.epochs - (plan.done if plan else 0), processes)  # fmt: skip
         module = build_module(
-            cfg, pretrained=last is None, init_state=init_state, normalization=normalization
+            cfg, pretrained=last is None, init_state=init_state, normalization=normalization,
+            compile_plan=compile_plan(cfg, device, steps),
         )
         # the experiment loggers too: a missing package is refused before any file is written
         loggers = build_loggers(cfg, out, resume=resume)
@@ -307,7 +327,8 @@ def prepare(
         elif rank == 0 and plan is not None:
             record_resume(cfg, run, plan)
         training.announcement = _announcement(
-            cfg, device, layout, len(train_recs), len(val_recs), out, plan
+            cfg, device, layout, len(train_recs), len(val_recs), out, plan,
+            module.compile_plan.decision,
         ) + (f"\n{weights_report.summary()}" if weights_report is not None else "")
         with _restore_sigint(), quiet_lightning():
             training.loaders = (
@@ -316,7 +337,9 @@ def prepare(
             )
             training.trainer = build_trainer(
                 cfg, out, progress=progress, restart_patience=module.restart_schedule,
-                loggers=loggers, callbacks=[log_config],
+                loggers=loggers,
+                callbacks=[log_config,
+                           *speed_callbacks(cfg, module, progress=progress and rank == 0)],
             )
     return training
 
@@ -369,13 +392,14 @@ def _announcement(
     n_val: int,
     out: Path,
     plan: ResumePlan | None,
+    compile_decision: Decision | None = None,
 ) -> str:
-    """One line: the data, the hardware, the model and what happens to the run folder."""
+    """One line: the data, the hardware (with the compile decision where it is not the
+    CPU's plain eager default), the model and what happens to the run folder."""
     processes = hardware.device_count(cfg.train.devices, device) * cfg.train.num_nodes
-    hw = (
-        f"{device} x{processes}, {hardware.lightning_precision(cfg.train.precision, device)}"
-        + (", compiled" if hardware.resolve_switch(cfg.train.compile, device) else "")
-    )
+    hw = f"{device} x{processes}, {hardware.lightning_precision(cfg.train.precision, device)}"
+    if compile_decision is not None and (compile_decision.on or device == "cuda"):
+        hw += f", {compile_decision}"
     if plan is None or plan.last is None:
         what = f"writing {out}"
     elif plan.extend_from is not None:
