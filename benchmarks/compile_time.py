@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--runs", default="cold,warm", help="cold, warm or both")
+    ap.add_argument("--runs", default="cold,warm",
+                    help="cold, warm, or both in that order (cold,warm; the default)")
     ap.add_argument("--steps", type=int, default=5, help="timed steady steps")
     ap.add_argument("--warmup", type=int, default=2, help="steps after the first, untimed")
     ap.add_argument("--eval", action="store_true", help="also time eval eager vs compiled")
@@ -219,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     root = args.cache_root or Path(tempfile.mkdtemp(prefix="ptxseg-compile-"))
-    runs = args.runs.split(",")
+    runs = ["cold", "warm"] if args.runs == "both" else args.runs.split(",")
+    bad = sorted(set(runs) - {"cold", "warm"})
+    if bad:
+        raise SystemExit(f"--runs: unknown {', '.join(bad)} (valid: cold, warm, both)")
     emit({"figure": "start", "load_avg": load(), "cpu_cores": os.cpu_count(),
           "cache_root": str(root)})  # fmt: skip
     got: dict[tuple[str, str], dict] = {}
