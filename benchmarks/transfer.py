@@ -11,12 +11,25 @@ and draws the validation curves side by side into ``--plot``.
     python benchmarks/transfer.py --data ../shared/data/siim-sample --work /tmp/transfer \\
         --plot docs/images/transfer_lite0.png          # CPU: 2 x ~10 min at the defaults
 
+``--set KEY=VALUE`` (repeatable) passes any other config override to both trainings, e.g. the
+Tversky recipe of docs/accuracy.md::
+
+    python benchmarks/transfer.py --data ../shared/data/siim-sample --work /tmp/transfer-tv \
+        --size 160 --batch 4 --epochs 15 --set loss.name=tversky --set loss.tversky_alpha=0.3 \
+        --set loss.tversky_beta=0.7 --set data.positive_fraction=0.5 \
+        --plot docs/images/transfer_lite0_tversky.png
+
+After both runs it also prints one JSON line with the 95% paired-bootstrap intervals of
+ImageNet minus scratch on the same validation images (pooled Dice, SIIM per-image Dice; 2000
+resamples, seed 0), at p > 0.5 and under each run's tuned rule.
+
 ``--replot`` redraws the figure and reprints the figures from existing runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -55,6 +68,8 @@ def settings(args: argparse.Namespace, weights: str) -> list[str]:
     out: list[str] = []
     for k, v in sets.items():
         out += ["--set", f"{k}={v}"]
+    for extra in args.set:  # after the script's own: a --set here wins
+        out += ["--set", extra]
     return out
 
 
@@ -65,6 +80,13 @@ def run(cmd: list[str]) -> float:
     if code:
         sys.exit(f"transfer.py: `{' '.join(cmd[2:4])}` failed (exit code {code})")
     return time.perf_counter() - t0
+
+
+def _cis(m: dict) -> dict:
+    """The 95% bootstrap intervals evaluate wrote into metrics.json (``confidence_intervals``),
+    rounded, by metric name."""
+    cis = (m.get("confidence_intervals") or {}).get("intervals") or {}
+    return {k.split(".")[1]: v and [round(x, 4) for x in v] for k, v in cis.items()}
 
 
 def figures(work: Path, name: str) -> dict:
@@ -79,6 +101,8 @@ def figures(work: Path, name: str) -> dict:
         "epochs": len(rows),
         "best_epoch": int(best["epoch"]),
         "train_minutes": round(sum(r["time_s"] for r in rows) / 60, 1),
+        "val_loss_by_epoch": [round(r["val_loss"], 4) for r in rows],
+        "val_dice_by_epoch": [round(r["val_dice"], 4) for r in rows],
         "val_images": m["n_images"],
         "val_positive": m["n_positive"],
         "val_pooled_dice": round(m["pooled"]["f1"], 4),
@@ -86,6 +110,9 @@ def figures(work: Path, name: str) -> dict:
         "val_siim_per_image_dice": round(m["per_image"]["kaggle_dice"], 4),
         "val_dice_positive_mean": round(m["per_image"]["dice_positive_mean"], 4),
         "detection_auc": m["detection"]["auc"] and round(m["detection"]["auc"], 4),
+        "sensitivity": round(m["detection"]["sensitivity"], 4),
+        "specificity": round(m["detection"]["specificity"], 4),
+        "ci95": _cis(m),
     }
     tuned = rundir / "eval-val-tuned" / "metrics.json"
     if tuned.is_file():
@@ -98,12 +125,50 @@ def figures(work: Path, name: str) -> dict:
         rec["tuned_val_pooled_iou"] = round(t["pooled"]["iou"], 4)
         rec["tuned_val_siim_per_image_dice"] = round(t["per_image"]["kaggle_dice"], 4)
         rec["tuned_val_dice_positive_mean"] = round(t["per_image"]["dice_positive_mean"], 4)
+        rec["tuned_detection_auc"] = t["detection"]["auc"] and round(t["detection"]["auc"], 4)
+        rec["tuned_ci95"] = _cis(t)
     weights = Run(rundir).weights_path
     if weights.is_file():
         info = json.loads(weights.read_text())
         rec["weights_sha256"] = info["sha256"]
         rec["weights"] = info["summary"]
     return rec
+
+
+def _image_stats(out: Path) -> list:
+    """The per-image pixel counts of an evaluation (its ``per_image.csv``)."""
+    from ptxseg.metrics import ImageStats
+
+    with open(out / "per_image.csv", newline="") as fh:
+        return [ImageStats(r["id"], int(r["tp"]), int(r["fp"]), int(r["fn"]), 0,
+                           float(r["max_prob"])) for r in csv.DictReader(fh)]  # fmt: skip
+
+
+def paired_difference(a: Path, b: Path, n: int = 2000, seed: int = 0) -> dict:
+    """95% percentile-bootstrap intervals of evaluation ``a`` minus evaluation ``b`` on the same
+    images, each resample drawing the same images for both: pooled Dice and SIIM per-image
+    Dice (as benchmarks/cv_vs_split.py)."""
+    import numpy as np
+
+    from ptxseg.metrics import dice_scores
+
+    sa, sb = _image_stats(a), _image_stats(b)
+    if [s.id for s in sa] != [s.id for s in sb]:
+        sys.exit(f"transfer.py: {a} and {b} evaluated other images")
+    arr = {k: np.array([[getattr(s, k) for s in st] for st in (sa, sb)], float)
+           for k in ("tp", "fp", "fn")}  # fmt: skip
+    dice = dice_scores(arr["tp"], arr["fp"], arr["fn"])
+    idx = np.random.default_rng(seed).integers(0, len(sa), size=(n, len(sa)))
+    tp, fp, fn = (arr[k][:, idx].sum(axis=2) for k in ("tp", "fp", "fn"))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = 2 * tp / (2 * tp + fp + fn)
+    per_image = dice[:, idx].mean(axis=2)
+    out = {}
+    for name, v in (("pooled_dice", pooled), ("siim_per_image_dice", per_image)):
+        diff = v[0] - v[1]
+        diff = diff[np.isfinite(diff)]
+        out[name] = [round(float(x), 4) for x in np.quantile(diff, [0.025, 0.975])]
+    return out
 
 
 def plot(work: Path, out: Path) -> None:
@@ -114,6 +179,8 @@ def plot(work: Path, out: Path) -> None:
 
     from ptxseg.plots import read_metrics
 
+    cfg = Run(work / RUNS[0]).config()  # the resolved config.yaml of the run
+    loss_name = {"dice_bce": "BCE + Dice"}.get(cfg.loss.name, cfg.loss.name)
     rows = {name: read_metrics(Run(work / name).metrics_path) for name in RUNS}
     style = {"imagenet": ("tab:blue", "ImageNet weights (Lite0)"), "scratch": ("tab:orange",
              "from scratch")}  # fmt: skip
@@ -121,7 +188,7 @@ def plot(work: Path, out: Path) -> None:
     panels = (
         ("val_dice", "validation Dice (pooled, p > 0.5)"),
         ("val_iou", "validation IoU (pooled, p > 0.5)"),
-        ("loss", "loss (BCE + Dice)"),
+        ("loss", f"loss ({loss_name})"),
     )
     for ax, (key, title) in zip(axes, panels, strict=True):
         for name, rs in rows.items():
@@ -140,12 +207,10 @@ def plot(work: Path, out: Path) -> None:
         if key != "loss":
             ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
-    from ptxseg.config import load_run_config
-
-    cfg = load_run_config(work / RUNS[0])
     fig.suptitle(f"U-Net / {cfg.model.encoder} on the real SIIM sample ({cfg.data.size} px, "
-                 f"batch {cfg.train.batch_size}, lr {cfg.optim.lr:g} -> {cfg.optim.lr_min:g}): "
-                 "same split, epochs, seed and schedule", fontsize=10)  # fmt: skip
+                 f"batch {cfg.train.batch_size}, lr {cfg.optim.lr:g} -> {cfg.optim.lr_min:g}, "
+                 f"{loss_name}): same split, epochs, seed and schedule",
+                 fontsize=10)  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -167,6 +232,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other config override for both runs (repeatable), e.g. "
+                    "loss.name=tversky or data.positive_fraction=0.5")  # fmt: skip
     ap.add_argument("--only", choices=RUNS, default=None, help="train/evaluate one run only")
     ap.add_argument("--skip-train", action="store_true", help="evaluate/tune existing runs")
     ap.add_argument("--replot", action="store_true", help="no training: figures from --work")
@@ -193,6 +261,13 @@ def main() -> None:
     for name in RUNS:
         if (args.work / name / "eval-val" / "metrics.json").is_file():
             emit(figures(args.work, name))
+    diff = {}
+    for ev in ("eval-val", "eval-val-tuned"):
+        a, b = (args.work / n / ev for n in RUNS)
+        if (a / "per_image.csv").is_file() and (b / "per_image.csv").is_file():
+            diff[ev] = paired_difference(a, b)
+    if diff:
+        emit({"run": "imagenet - scratch (paired bootstrap, 95%)", **diff})
     if all(Run(args.work / n).metrics_path.is_file() for n in RUNS):
         plot(args.work, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
