@@ -131,3 +131,23 @@ def test_a_port_in_use_or_a_missing_run_is_one_line(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1
     assert main(["serve", str(tmp_path / "nope"), "--device", "cpu"]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: run folder not found\n"
+
+
+@pytest.mark.parametrize("reraise", [True, False], ids=["keyboard-interrupt", "plain-return"])
+def test_a_stop_is_said_however_uvicorn_returns(tmp_path, capsys, monkeypatch, reraise):
+    """uvicorn re-raises a Ctrl+C through asyncio's SIGINT handler, which may or may not end
+    in a KeyboardInterrupt in the command (a CI run once saw exit 0 and no "stopped"): both
+    ways the command says "stopped" once and exits 0."""
+    import uvicorn
+
+    def run(self, sockets=None):
+        self.should_exit = True  # what uvicorn's signal handler sets
+        if reraise:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    run_dir = served_run(tmp_path)
+    assert main(["serve", str(run_dir), "--port", "0", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith("serving ")
+    assert err.splitlines()[1:] == ["stopped"]

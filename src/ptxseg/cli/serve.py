@@ -101,11 +101,16 @@ def serve(
     )
     config = uvicorn.Config(create_app(service), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=10)  # fmt: skip
+    server = uvicorn.Server(config)
     with sock:
         try:
-            uvicorn.Server(config).run(sockets=[sock])
+            server.run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn stops gracefully, then re-raises the Ctrl+C
-            err_console.print("stopped", highlight=False, markup=False)
+            pass
+    # uvicorn re-raises the signal through asyncio's own SIGINT handler, which does not always
+    # turn it into a KeyboardInterrupt here: a stop is said once, however uvicorn returned
+    if server.should_exit:
+        err_console.print("stopped", highlight=False, markup=False)
 
 
 def listen(host: str, port: int):
