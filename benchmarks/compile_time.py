@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +40,9 @@ from pathlib import Path
 
 T_START = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import run_killable  # noqa: E402
+
 VARIANTS = ("eager", "whole", "regional")
 SETTING = {"eager": "false", "whole": "whole", "regional": "regional"}
 
@@ -176,17 +177,13 @@ def run_child(args, variant: str, run: str, cache: Path) -> dict | None:
            *[a for kv in args.sets for a in ("--set", kv)]]  # fmt: skip
     t0 = time.perf_counter()
     # its own process group: past --timeout the child and the inductor's compile workers die
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    done = run_killable(cmd, env, args.timeout)
+    if done is None:
         emit({"figure": "timeout", "variant": variant, "run": run,
               "after_s": round(time.perf_counter() - t0, 1), "load_avg": load()})  # fmt: skip
         return None
-    if proc.returncode != 0:
+    code, out, err = done
+    if code != 0:
         emit({"figure": "error", "variant": variant, "run": run,
               "stderr": err.strip().splitlines()[-5:]})  # fmt: skip
         return None

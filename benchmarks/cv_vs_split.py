@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import emit  # noqa: E402
+from _runs import emit, image_stats, paired_difference  # noqa: E402
 
 from ptxseg.run import Run  # noqa: E402
 
@@ -93,15 +93,6 @@ def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 4)
 
 
-def image_stats(out: Path) -> list:
-    """The per-image pixel counts of an evaluation (its ``per_image.csv``)."""
-    from ptxseg.metrics import ImageStats
-
-    with open(out / "per_image.csv", newline="") as fh:
-        return [ImageStats(r["id"], int(r["tp"]), int(r["fp"]), int(r["fn"]), 0,
-                           float(r["max_prob"])) for r in csv.DictReader(fh)]  # fmt: skip
-
-
 def metrics(path: Path) -> dict:
     """An evaluation's figures, with 95% percentile-bootstrap intervals over its images
     (:func:`ptxseg.metrics.bootstrap_cis`, 2000 resamples, seed 0) from its per_image.csv."""
@@ -126,32 +117,6 @@ def metrics(path: Path) -> dict:
         "members": len(m["members"]),
     }  # fmt: skip
 
-
-def paired_difference(a: Path, b: Path, n: int = 2000, seed: int = 0) -> dict:
-    """95% percentile-bootstrap intervals of evaluation ``a`` minus evaluation ``b`` on the same
-    images, each resample drawing the same images for both: pooled Dice and SIIM per-image
-    Dice."""
-    import numpy as np
-
-    from ptxseg.metrics import dice_scores
-
-    sa, sb = image_stats(a), image_stats(b)
-    if [s.id for s in sa] != [s.id for s in sb]:
-        sys.exit(f"cv_vs_split.py: {a} and {b} evaluated other images")
-    arr = {k: np.array([[getattr(s, k) for s in st] for st in (sa, sb)], float)
-           for k in ("tp", "fp", "fn")}  # fmt: skip
-    dice = dice_scores(arr["tp"], arr["fp"], arr["fn"])
-    idx = np.random.default_rng(seed).integers(0, len(sa), size=(n, len(sa)))
-    tp, fp, fn = (arr[k][:, idx].sum(axis=2) for k in ("tp", "fp", "fn"))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        pooled = 2 * tp / (2 * tp + fp + fn)
-    per_image = dice[:, idx].mean(axis=2)
-    out = {}
-    for name, v in (("pooled_dice", pooled), ("siim_per_image_dice", per_image)):
-        diff = v[0] - v[1]
-        diff = diff[np.isfinite(diff)]
-        out[name] = [round(float(x), 4) for x in np.quantile(diff, [0.025, 0.975])]
-    return out
 
 
 def pooled(records: list[dict]) -> dict:

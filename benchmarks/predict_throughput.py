@@ -46,26 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLE = REPO.parent / "shared" / "data" / "siim-sample" / "png_images"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import emit, make_random_run  # noqa: E402
-
-
-def replicate(sample: Path, n: int, dest: Path) -> list[Path]:
-    """``n`` files in ``dest`` cycling over the sample PNGs (hard links where possible)."""
-    sources = sorted(sample.glob("*.png"))
-    if not sources:
-        sys.exit(f"{sample}: no PNG files (pass --sample)")
-    dest.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(n):
-        src = sources[i % len(sources)]
-        path = dest / f"{i:05d}_{src.name}"
-        try:
-            os.link(src, path)
-        except OSError:
-            shutil.copy(src, path)
-        out.append(path)
-    return out
-
+from _runs import emit, link_images, make_random_run  # noqa: E402
 
 
 def input_batch(files: list[Path], size: int, batch: int) -> np.ndarray:
@@ -134,7 +115,7 @@ def main() -> None:
     quiet = Console(stderr=True, quiet=True)
     table = []
     try:
-        files = replicate(args.sample, args.n, work / "images")
+        files = link_images(args.sample, args.n, work / "images")
         for encoder in args.encoders.split(","):
             run = work / f"run-{encoder}-{args.size}"
             model = make_random_run(run, size=args.size, encoder=encoder)

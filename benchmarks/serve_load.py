@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLE = REPO.parent / "shared" / "data" / "siim-sample" / "png_images"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import emit, make_random_run  # noqa: E402
+from _runs import emit, link_images, make_random_run  # noqa: E402
 
 
 def child_env() -> dict[str, str]:
@@ -64,24 +64,6 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": os.pathsep.join(p for p in paths if p)}  # fmt: skip
 
-
-def link_images(sample: Path, n: int, dest: Path) -> list[Path]:
-    """``n`` files in ``dest`` cycling over the sample's PNGs: hard links (copies across file
-    systems). Not symbolic links: ``ptxseg predict`` reads a file reached twice once."""
-    sources = sorted(sample.glob("*.png"))
-    if not sources:
-        sys.exit(f"{sample}: no PNG files (pass --sample)")
-    dest.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(n):
-        src = sources[i % len(sources)].resolve()
-        path = dest / f"{i:05d}_{src.name}"
-        try:
-            os.link(src, path)
-        except OSError:
-            shutil.copyfile(src, path)
-        out.append(path)
-    return out
 
 
 def rss_mb(pid: int) -> float | None:

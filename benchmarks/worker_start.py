@@ -26,14 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 T_START = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import run_killable  # noqa: E402
+
 METHODS = ("fork", "forkserver", "spawn")
 FORK_WARNING = "use of fork() may lead to deadlocks"
 
@@ -105,16 +106,12 @@ def main(argv: list[str] | None = None) -> int:
                "--workers", str(args.workers), "--size", str(args.size),
                "--batch", str(args.batch), "--device", args.device]  # fmt: skip
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)  # fmt: skip
-        try:
-            out, err = proc.communicate(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        done = run_killable(cmd, env, args.timeout)
+        if done is None:
             print(json.dumps({"figure": "timeout", "method": method}), flush=True)
             continue
-        if proc.returncode != 0:
+        code, out, err = done
+        if code != 0:
             print(json.dumps({"figure": "error", "method": method,
                               "stderr": err.strip().splitlines()[-5:]}), flush=True)  # fmt: skip
             continue
