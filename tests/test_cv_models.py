@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,6 +20,7 @@ from ptxseg.data.resize import probs_to_native
 from ptxseg.data.sources import load_records
 from ptxseg.data.split import write_split
 from ptxseg.postprocess import PostParams, area_scale, binarize, load_params, params_from_dict
+from ptxseg.predictor import Predictor
 from ptxseg.run import Run
 from ptxseg.tune import THRESHOLDS, areas_for
 from tests.conftest import make_run
@@ -113,6 +115,32 @@ def test_an_untrained_fold_is_named(cv, tmp_path, synth_data, capsys):
         assert code == 2 and f"{broken / 'fold-1'}: fold 1 of {broken} is not trained" in err
         assert "--fold 1" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_fold_trained_on_another_split_is_refused_before_its_model_loads(
+    cv, tmp_path, monkeypatch, capsys
+):
+    """fold-2's split.csv is fold 0's: tune names the file, and no model was loaded."""
+    import shutil
+
+    broken = tmp_path / "cv"
+    shutil.copytree(cv["root"], broken)
+    shutil.copy(broken / "fold-0" / "split.csv", broken / "fold-2" / "split.csv")
+    loaded = []
+    real = Predictor.from_run.__func__
+
+    def counting(cls, run, **kwargs):
+        loaded.append(Path(run.path if hasattr(run, "path") else run).name)
+        return real(cls, run, **kwargs)
+
+    monkeypatch.setattr(Predictor, "from_run", classmethod(counting))
+    thresholds = broken / "thresholds.json"
+    before = thresholds.read_bytes() if thresholds.exists() else None
+    assert main(["tune", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"{broken / 'fold-2' / 'split.csv'}: fold 2 validates on other images" in err
+    assert loaded == ["fold-0", "fold-1"]
+    assert (thresholds.read_bytes() if thresholds.exists() else None) == before
 
 
 @pytest.fixture(scope="module")

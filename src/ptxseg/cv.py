@@ -36,6 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ptxseg import __version__
+from ptxseg.data.folds import fold_split
 from ptxseg.errors import RunDirError
 from ptxseg.fileio import read_text, write_json
 from ptxseg.run import BEST, Run
@@ -88,7 +89,7 @@ class CVManifest:
 
     def split(self, fold: int) -> dict[str, str]:
         """Fold ``fold``'s ``train``/``val`` assignment (its ``split.csv``)."""
-        return {i: ("val" if f == fold else "train") for i, f in self.assignment.items()}
+        return fold_split(self.assignment, fold)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -155,6 +155,11 @@ class GridStats:
     def __len__(self) -> int:
         return len(self.true_area)
 
+    @property
+    def n_positive(self) -> int:
+        """How many of the images have a pneumothorax (a non-empty ground truth)."""
+        return sum(1 for a in self.true_area if a > 0)
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.stack(self.pred), np.stack(self.tp), np.asarray(self.true_area, np.int64)
 
@@ -335,7 +340,7 @@ def _choose(
     """
     from ptxseg.errors import PtxsegError
 
-    n_positive = int(sum(1 for a in stats.true_area if a > 0))
+    n_positive = stats.n_positive
     if objective is Objective.IOU and n_positive == 0:
         raise PtxsegError(
             f"{where}: the {len(stats)} validation images have no pneumothorax, so "
@@ -354,7 +359,7 @@ def _save(
         "objective": result.objective,
         "score": result.score,
         "n_images": len(stats),
-        "n_positive": int(sum(1 for a in stats.true_area if a > 0)),
+        "n_positive": stats.n_positive,
         **extra,
         "warnings": notes,
         "area_grid": {
@@ -463,30 +468,38 @@ def tune_cv(
     objective, mode = Objective.parse(objective, "--objective"), Mode.parse(mode, "--mode")
     manifest, runs = trained_folds(cv_dir)
     where = Path(cv_dir) / MANIFEST
+    # the dataset is read once; each fold predicts its own fold of it
+    all_records, data_root, used_layout = runs[0].records(data, layout, Split.ALL, rle)
+    by_id = {r.id: r for r in all_records}
     per_fold: list[GridStats] = []
-    sizes, roots, layouts, tta_used = {}, set(), set(), str(tta)
+    size, tta_used = None, str(tta)
     for i, run in enumerate(runs):
-        predictor = Predictor.from_run(
-            run, backend=backend, device=device, tta=tta, batch_size=batch_size
-        )
-        records, data_root, used_layout = run.records(data, layout, Split.VAL, rle)
-        if sorted(r.id for r in records) != sorted(manifest.val_ids(i)):
+        if run.split() != manifest.split(i):  # before its model is loaded
             raise RunDirError(
                 f"{run.split_path}: fold {i} validates on other images than its fold of "
                 f"{where}; was it trained for another CV folder?"
             )
+        missing = [ident for ident in manifest.val_ids(i) if ident not in by_id]
+        if missing:
+            raise RunDirError(
+                f"{where}: fold {i}'s image {missing[0]} is not in {data_root} "
+                f"({len(missing)} missing)"
+            )
+        predictor = Predictor.from_run(
+            run, backend=backend, device=device, tta=tta, batch_size=batch_size
+        )
+        if size is not None and predictor.size != size:
+            raise RunDirError(
+                f"{cv_dir}: the folds' models take different input sizes ({manifest.folds[0]} "
+                f"{size} px, {manifest.folds[i]} {predictor.size} px)"
+            )
+        size = predictor.size
+        records = sorted((by_id[ident] for ident in manifest.val_ids(i)), key=lambda r: r.id)
         text = f"Fold {i}: predicting its validation images" if progress else None
         per_fold.append(_grid_stats(predictor, records, text))
-        sizes[manifest.folds[i]] = predictor.size
-        roots.add(str(data_root))
-        layouts.add(used_layout)
         tta_used = predictor.tta
-    if len(set(sizes.values())) > 1:
-        each = ", ".join(f"{name} {size} px" for name, size in sizes.items())
-        raise RunDirError(f"{cv_dir}: the folds' models take different input sizes ({each})")
     stats = pool_grid_stats(per_fold)
     what = f"the out-of-fold predictions of the {manifest.k} folds"
-    size = next(iter(sizes.values()))
     result, notes = _choose(
         stats, objective=objective, mode=mode, size=size, where=str(where), what=what
     )
@@ -494,14 +507,14 @@ def tune_cv(
         {
             "run": manifest.folds[i],
             "n_images": len(fold_stats),
-            "n_positive": int(sum(1 for a in fold_stats.true_area if a > 0)),
+            "n_positive": fold_stats.n_positive,
             "pooled_iou": pooled_iou(fold_stats, result.params),
         }
         for i, fold_stats in enumerate(per_fold)
     ]
     extra = {
-        "data": sorted(roots)[0] if len(roots) == 1 else sorted(roots),
-        "layout": sorted(layouts)[0] if len(layouts) == 1 else sorted(layouts),
+        "data": str(data_root),
+        "layout": used_layout,
         "tta": tta_used,
         "out_of_fold": {"k": manifest.k, "folds": folds},
     }
