@@ -53,11 +53,12 @@ def predicted(run_dir, images, tmp_path_factory) -> dict[str, dict]:
 
     out = tmp_path_factory.mktemp("predicted") / "out"
     predict(run_dir, images, out, tta="hflip", batch_size=1, workers=0, device="cpu",
-            progress=False)  # fmt: skip
+            dicom_seg=True, progress=False)  # fmt: skip
     with open(out / "results.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:
         row["mask"] = cv2.imread(str(out / "masks" / f"{row['id']}.png"), cv2.IMREAD_UNCHANGED)
+        row["seg"] = out / row["dicom_seg"] if row.get("dicom_seg") else None
     return {row["source"]: row for row in rows}
 
 
@@ -131,8 +132,12 @@ def test_dicom_seg_of_a_real_dicom(client, images, predicted):
     pixels = seg.get_pixels_by_source_instance([src.SOPInstanceUID], segment_numbers=[1])
     np.testing.assert_array_equal(pixels[0, ..., 0] * 255, predicted[str(dicom)]["mask"])
     algo = seg.get_segment_description(1).algorithm_identification[0]
-    assert "run=run" in algo.AlgorithmParameters and "tta:hflip" not in algo.AlgorithmParameters
-    assert "tta=hflip" in algo.AlgorithmParameters
+    assert "run=run" in algo.AlgorithmParameters and "tta=hflip" in algo.AlgorithmParameters
+    # the model is identified as predict identifies it (run, checkpoint SHA-256, TTA, rule)
+    theirs = hd.seg.segread(predicted[str(dicom)]["seg"])
+    their_algo = theirs.get_segment_description(1).algorithm_identification[0]
+    for key in ("AlgorithmName", "AlgorithmVersion", "AlgorithmParameters"):
+        assert getattr(algo, key) == getattr(their_algo, key), key
     png = next(p for p in images if p.suffix == ".png")
     r = post(client, png, format="dicom-seg")
     assert r.status_code == 415

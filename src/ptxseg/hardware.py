@@ -105,7 +105,8 @@ def device_count(devices: int | str, device: str) -> int:
     return int(devices)
 
 
-def _cores() -> int:
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity: containers, taskset)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1
@@ -117,12 +118,12 @@ def training_workers(setting: int | None, processes: int) -> int:
     core, so a fast GPU needs every core (or a ``ptxseg prepare`` copy)."""
     if setting is not None:
         return setting
-    return max(1, min(16, _cores() // max(1, processes) - 1))
+    return max(1, min(16, cores() // max(1, processes) - 1))
 
 
 def inference_workers(setting: int | None = None) -> int:
     """Image-reading processes for prediction: ``setting``, else one per core (at most 8)."""
-    return min(MAX_INFERENCE_WORKERS, os.cpu_count() or 1) if setting is None else setting
+    return min(MAX_INFERENCE_WORKERS, cores()) if setting is None else setting
 
 
 def inference_batch_size(setting: int | None, device: str) -> int:

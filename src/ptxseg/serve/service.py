@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ptxseg import hardware
 from ptxseg.errors import ConfigError, DataError
 from ptxseg.run import Run, Thresholds
 from ptxseg.serve.batcher import MicroBatcher, QueueFull
@@ -140,7 +141,7 @@ class Service:
         self.max_batch = limits.max_batch or predictor.batch_size
         self.queue = limits.queue or max(MIN_QUEUE, 2 * self.max_batch)
         self.max_body = int(limits.max_body_mb * 1_000_000)
-        self.workers = limits.workers or min(4, _cores())
+        self.workers = limits.workers or min(4, hardware.cores())
         self.batcher = MicroBatcher(
             predictor.batch_probs,
             max_batch=self.max_batch,
@@ -154,6 +155,7 @@ class Service:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._algorithm = None
+        self._algorithm_lock = threading.Lock()
 
     @classmethod
     def from_run(
@@ -328,18 +330,17 @@ class Service:
 
     @property
     def algorithm(self):
-        """What identifies the model in a DICOM SEG (run name, checkpoint SHA-256, rule)."""
-        if self._algorithm is None:
-            from ptxseg.dicomseg import AlgorithmInfo
-            from ptxseg.fileio import sha256_file
+        """What identifies the model in a DICOM SEG: predict's own record of it
+        (:func:`ptxseg.image_outputs.seg_algorithm`: run name, the members' SHA-256, TTA and
+        rule), computed once, at the first SEG asked for."""
+        with self._algorithm_lock:
+            if self._algorithm is None:
+                from ptxseg.image_outputs import seg_algorithm
 
-            path = self.predictor.members[0].path
-            sha = sha256_file(path) if path is not None and Path(path).is_file() else None
-            self._algorithm = AlgorithmInfo(
-                run=self.run_name, checkpoint_sha256=sha,
-                parameters={"thresholds": self.rule.params.describe(),
-                            "tta": str(self.predictor.tta)},
-            )  # fmt: skip
+                self._algorithm = seg_algorithm(
+                    self.run_name, [m.path for m in self.predictor.members],
+                    self.predictor.tta, self.rule.params,
+                )  # fmt: skip
         return self._algorithm
 
     def dicom_seg(self, upload: Upload, probs: np.ndarray) -> bytes:
@@ -406,8 +407,3 @@ class Service:
                 "time": time.time(),
             }
 
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
