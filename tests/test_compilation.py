@@ -302,3 +302,21 @@ def test_cache_counts_name_the_warmth():
         "first step after 7.8 s (compile, warm cache)")
     assert Path(compilation.default_cache_dir({"XDG_CACHE_HOME": "/x"})) == Path(
         "/x/ptxseg/inductor")
+
+
+def test_a_compile_that_stays_off_looks_at_no_cache(tmp_path, monkeypatch):
+    """``false`` anywhere and ``auto`` off CUDA: no cache folder, ledger or device query; a
+    compile that may run still reads the ledger."""
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("the compile cache was looked at")
+
+    monkeypatch.setattr(compilation, "cache_location", no_cache)
+    for setting, device in (("false", "cuda"), ("auto", "cpu"), ("regional", "cpu")):
+        cfg = tiny_config(**{"train.compile": setting})
+        if setting == "regional":  # on: the cache is needed
+            with pytest.raises(AssertionError, match="cache was looked at"):
+                compilation.plan(cfg, device, steps=10)
+            continue
+        planned = compilation.plan(cfg, device, steps=10)
+        assert not planned.decision.on and planned.location is None

@@ -279,7 +279,7 @@ class Plan:
     in the cache's ledger (``compiled_before``: seconds its first step took, else None)."""
 
     decision: Decision
-    location: CacheLocation
+    location: CacheLocation | None  # None: compile off, no cache looked at
     key: str
     compiled_before: float | None
 
@@ -292,15 +292,22 @@ def planned_steps(n_train: int, batch_size: int, epochs: int, processes: int = 1
 
 
 def plan(cfg, device: str, steps: int | None = None) -> Plan:
-    """:func:`decide` for ``cfg`` on ``device`` with the cache's knowledge of this setup."""
+    """:func:`decide` for ``cfg`` on ``device`` with the cache's knowledge of this setup. A
+    compile that stays off even with this setup in the cache (``false``, or ``auto`` where it
+    cannot pay) looks at no cache: no folder, ledger or device query."""
+
+    def decision(before: float | None) -> Decision:
+        return decide(cfg.train.compile, device, planned_steps=steps,
+                      batch_size=cfg.train.batch_size, size=cfg.data.size,
+                      compiled_before=before)  # fmt: skip
+
+    if not decision(0.0).on:  # off even at the cheapest (warm) compile
+        return Plan(decision(None), None, "", None)
     location = cache_location(cfg.train.compile_cache)
     setting = parse_setting(cfg.train.compile)
     key = setup_key(cfg, device, "whole" if setting == "whole" else "regional")
-    before = None if setting == "false" else Ledger(location.path).first_step(key)
-    decision = decide(cfg.train.compile, device, planned_steps=steps,
-                      batch_size=cfg.train.batch_size, size=cfg.data.size,
-                      compiled_before=before)  # fmt: skip
-    return Plan(decision, location, key, before)
+    before = Ledger(location.path).first_step(key)
+    return Plan(decision(before), location, key, before)
 
 
 # ------------------------------------------------------------------------------------------
