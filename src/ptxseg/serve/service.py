@@ -298,14 +298,8 @@ class Service:
             "width": w,
             "height": h,
             "has_pneumothorax": measures.area_px > 0,
-            "max_prob": measures.max_prob,
-            "area_px": measures.area_px,
             "area_fraction": measures.area_px / float(h * w),
-            "area_cm2": measures.area_cm2,
-            "area_note": measures.area_note,
-            "side": measures.side,
-            "right_share": measures.right_share,
-            "side_basis": measures.side_basis,
+            **measures.to_dict(),  # the measures of results.csv, by the same names
             "rle": encode(mask),
             "thresholds": self.rule.params.to_dict(),
         }
