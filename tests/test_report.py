@@ -14,10 +14,7 @@ import pytest
 from ptxseg.cli import main
 from ptxseg.cli.app import metrics_table
 from ptxseg.figures import (
-    GT_RGB,
-    PRED_RGB,
     Overlay,
-    draw_contours,
     grid_figure,
     make_panel,
     training_curves,
@@ -25,6 +22,8 @@ from ptxseg.figures import (
     write_overlay,
 )
 from ptxseg.metrics import image_stats, summarize
+from ptxseg.overlays import PRED_RGB, draw_overlay
+from ptxseg.overlays import TRUTH_RGB as GT_RGB
 from ptxseg.postprocess import PostParams
 from ptxseg.report import metric_rows, write_report
 from ptxseg.run import Run
@@ -120,6 +119,13 @@ def test_confusion_matrix_png(tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def draw_contours(image, gt, pred):
+    """An evaluation panel's drawing without its caption (as figures.make_panel calls it)."""
+    from ptxseg.figures import PANEL_SIZE
+
+    return draw_overlay(image, pred, gt, style="fill", max_side=PANEL_SIZE, min_side=PANEL_SIZE)
 
 
 def test_draw_contours_colours_and_downscale():

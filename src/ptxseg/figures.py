@@ -16,7 +16,7 @@ import numpy as np
 
 from ptxseg.fileio import save_figure
 from ptxseg.metrics import ImageStats
-from ptxseg.overlays import PRED_RGB, TRUTH_RGB, draw_overlay  # noqa: F401 (re-exported)
+from ptxseg.overlays import draw_overlay
 
 if TYPE_CHECKING:
     from ptxseg.run import Run
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 TRAINING_CURVES_PNG = "training_curves.png"  # the run's curves, re-plotted into the report's out
 
 PANEL_SIZE = 384  # longest side of an overlay panel, pixels
-GT_RGB = TRUTH_RGB  # the ground truth's colour (name kept for callers)
 LEGEND = "vermillion solid = prediction (tinted), sky-blue dashed = ground truth"
 
 
@@ -55,18 +54,6 @@ class Overlay:
 
     png: Path
     cases: list[ImageStats]
-
-
-def draw_contours(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Radiograph (gray uint8) with the ground truth (sky blue, dashed) and the prediction
-    (vermillion, solid, tinted), RGB, no caption (:func:`ptxseg.overlays.draw_overlay`).
-
-    Shape:
-        - image, gt, pred: ``(H, W)``; output ``(h, w, 3)`` with the longest side PANEL_SIZE
-          (smaller images enlarged, so that lines and dashes stay legible)
-    """
-    return draw_overlay(image, pred, gt, style="fill", max_side=PANEL_SIZE,
-                        min_side=PANEL_SIZE)
 
 
 def make_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, stats: ImageStats,
@@ -225,7 +212,3 @@ def grid_figure(thresholds_obj: dict[str, Any]):
     ax.set_title(title, fontsize=10, parse_math=False)
     fig.colorbar(im, ax=ax, label=objective or "score")
     return fig
-
-
-# ---------------------------------------------------------------------------------------------
-# tables
