@@ -49,7 +49,7 @@ def test_24_requests_8_at_a_time(run_dir, bodies):
     sizes = {int(k): v for k, v in health["batches"].items()}
     assert sum(k * v for k, v in sizes.items()) == 24 and max(sizes) <= 4
     assert health["answered"] == 24 and health["refused_busy"] == 0
-    assert health["peak_in_flight"] <= 8 and health["in_flight"] == 0
+    assert health["in_flight"] == 0  # (the queue bound itself: the 503 test below)
 
 
 def test_a_full_queue_answers_503_with_retry_after(run_dir, bodies):
