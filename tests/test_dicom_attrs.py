@@ -140,6 +140,7 @@ def test_clean_source_repairs_drops_and_never_changes_the_source():
         SpecificCharacterSet="LATIN-9",
     )  # fmt: skip
     src.add_new(0x00091001, "LO", "private")
+    src.add_new(0x00280106, "US or SS", b"\x01\x00")  # as an implicit-VR file leaves it
     src.PixelData = b"\0" * 16
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the invalid values, copied
@@ -154,7 +155,7 @@ def test_clean_source_repairs_drops_and_never_changes_the_source():
     assert "StudyDescription" not in out  # Type 3: left out
     assert "ReferencedStudySequence" not in out and "FrameOfReferenceUID" not in out
     assert out.ProcedureCodeSequence[0].CodeValue == "1"  # a valid sequence is kept
-    assert "PixelData" not in out and 0x00091001 not in out
+    assert "PixelData" not in out and 0x00091001 not in out and 0x00280106 in out
     assert out.SpecificCharacterSet == "ISO_IR 192" and out.SeriesNumber == 7
     changes = {c.keyword: c for c in clean.changes}
     assert changes["PatientAge"].describe() == (

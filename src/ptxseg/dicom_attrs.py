@@ -343,7 +343,7 @@ def _clean_element(elem) -> tuple[Any, bool] | None:
             out.append(cleaned[0])
             repaired |= cleaned[1]
         return (out, repaired)
-    if vr in _BINARY_VRS:
+    if vr in _BINARY_VRS or " or " in vr:  # numbers, bytes; "US or SS" (implicit VR)
         return (elem.value, False) if _value_ok(elem) else None
     if vr in ("FL", "FD"):
         try:
