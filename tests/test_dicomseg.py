@@ -132,7 +132,9 @@ def test_errors_name_the_file_and_leave_no_file(sample_dir, tmp_path, make_dicom
     with pytest.raises(DataError, match=r"multi\.dcm: multi-frame DICOM \(3 frames\)"):
         write_dicom_seg(multi, np.zeros((4, 4), np.uint8), out)
     no_study = make_dicom(tmp_path / "nostudy.dcm", np.zeros((4, 4), np.uint8))
-    with pytest.raises(DataError, match=r"nostudy\.dcm: cannot make a DICOM SEG from it"):
+    with pytest.raises(DataError, match=r"nostudy\.dcm: StudyInstanceUID \(0020,000D\) is "
+                       r"missing: the DICOM SEG must reference it \(Type 1\), no DICOM SEG is "
+                       r"written$"):
         write_dicom_seg(no_study, np.zeros((4, 4), np.uint8), out)
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == [

@@ -3,6 +3,9 @@ the reason when there is none, and the patient's side on hand-built masks."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pydicom
 import pytest
@@ -10,6 +13,8 @@ import pytest
 from ptxseg.measures import (
     MEASURE_COLUMNS,
     Geometry,
+    LesionMeasures,
+    geometry_from_dataset,
     measure,
     read_geometry,
     right_share,
@@ -153,3 +158,59 @@ def test_real_siim_headers(sample_dir):
         assert geo.spacing_mm == (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
         assert geo.shape == (1024, 1024) and geo.right_on_image_left is True
         assert geo.side_basis.startswith(f"ViewPosition {ds.ViewPosition}, no PatientOrientation")
+
+
+def _header(**attrs):
+    ds = pydicom.Dataset()
+    ds.Rows, ds.Columns = 1024, 1024
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def test_absurd_spacing_gives_no_cm2_and_nothing_non_finite():
+    """Issue 26: PixelSpacing 1e200 gave area_cm2 = inf (and a 500 from the service's JSON),
+    1e-300 gave 0.0000 for a 154,080 px lesion, a magnification factor of 1e-300 the same."""
+    lesion = np.zeros((1024, 1024), np.uint8)
+    lesion[100:421, 200:680] = 1  # 321 x 480
+    assert int(lesion.sum()) == 154_080
+    cases = {
+        "PixelSpacing 1e+200 x 1e+200 mm outside the plausible 0.02-5 mm":
+            dict(PixelSpacing=[1e200, 1e200]),
+        "PixelSpacing 1e-300 x 1e-300 mm outside the plausible 0.02-5 mm":
+            dict(PixelSpacing=[1e-300, 1e-300]),
+        "PixelSpacing 0.000143 x 0.000143 mm outside": dict(PixelSpacing=[0.000143, 0.000143]),
+        "PixelSpacing 143 x 143 mm outside": dict(PixelSpacing=[143, 143]),
+        "EstimatedRadiographicMagnificationFactor 1e-300 outside the plausible 1-3: no cm²":
+            dict(ImagerPixelSpacing=[0.143, 0.143],
+                 EstimatedRadiographicMagnificationFactor=1e-300),
+        "EstimatedRadiographicMagnificationFactor 0 outside the plausible 1-3":
+            dict(ImagerPixelSpacing=[0.143, 0.143], EstimatedRadiographicMagnificationFactor=0),
+        "ImagerPixelSpacing 1e+200 x 1e+200 mm outside":
+            dict(ImagerPixelSpacing=[1e200, 1e200], EstimatedRadiographicMagnificationFactor=1.1),
+        "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor 3 0.0166667 x 0.0166667 "
+        "mm outside": dict(ImagerPixelSpacing=[0.05, 0.05],
+                           EstimatedRadiographicMagnificationFactor=3),
+    }  # fmt: skip
+    for note, attrs in cases.items():
+        m = measure(lesion, geometry_from_dataset(_header(**attrs)), max_prob=0.9)
+        assert m.area_cm2 is None and m.area_note.startswith(note), (note, m.area_note)
+        assert m.area_px == 154_080 and m.row()[1] == ""
+        json.dumps(m.to_dict(), allow_nan=False)  # the service's answer: valid JSON
+    # the bounds are accepted (by hand: 154,080 px x 0.02 mm x 0.02 mm = 61.632 mm² = 0.61632
+    # cm²; x 5 mm x 5 mm = 3,852,000 mm² = 38,520 cm²)
+    for spacing, by_hand in ((0.02, 0.61632), (5.0, 38520.0)):
+        m = measure(lesion, geometry_from_dataset(_header(PixelSpacing=[spacing, spacing])))
+        assert m.area_cm2 == pytest.approx(by_hand)
+    m = measure(lesion, geometry_from_dataset(_header(
+        ImagerPixelSpacing=[0.15, 0.15], EstimatedRadiographicMagnificationFactor=3)))  # fmt: skip
+    assert m.area_cm2 == pytest.approx(154_080 * 0.05 * 0.05 / 100)
+
+
+def test_measures_are_never_non_finite():
+    from ptxseg.errors import PtxsegError
+
+    with pytest.raises(PtxsegError, match=r"probabilities are not finite \(max nan\)"):
+        measure(np.ones((4, 4), np.uint8), max_prob=float("nan"))
+    with pytest.raises(ValueError, match=r"LesionMeasures.area_cm2 inf is not finite"):
+        LesionMeasures(1, math.inf, "", "right", 1.0, "", 0.5)

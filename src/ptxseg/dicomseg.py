@@ -18,6 +18,17 @@ The SEG copies the source's patient and study (same Study Instance UID), referen
 source series and instance (Referenced Series Sequence / Source Image Sequence), and has the
 source's size: the mask must be at the image's native size (``Rows`` x ``Columns``).
 
+**What it copies is valid.** The source header goes through
+:func:`ptxseg.dicom_attrs.clean_source` first: a Study, Series or SOP Instance UID or SOP
+Class UID that is missing, empty or malformed refuses the source (:class:`DataError` naming
+the attribute); other values invalid for their VR are repaired when the intent is obvious
+(``PatientAge`` ``42`` -> ``042Y``) or dropped. ``PatientOrientation`` (General Image, Type
+2C: "empty if unknown" for an image without Image Orientation (Patient)) is the source's when
+valid, else empty. The series number is the source's + 1000 within the IS range
+(:func:`~ptxseg.dicom_attrs.derived_series_number`). Every UID of the SEG is checked before it
+is returned. The result passes dicom3tools' ``dciodvfy`` with no error
+(``tests/test_dicom_conformance.py``).
+
 **Empty prediction.** The standard allows a SEG frame with no set pixel, and highdicom writes
 one with ``omit_empty_frames=False`` (with its default, it logs a message and does the same
 for a wholly empty mask). ptxseg writes a SEG with one empty frame for a negative image, so
@@ -44,7 +55,8 @@ from typing import Any
 
 import numpy as np
 
-from ptxseg.errors import DataError
+from ptxseg.dicom_attrs import clean_source, derived_series_number, invalid_uids
+from ptxseg.errors import DataError, one_line
 
 SEGMENT_LABEL = "Pneumothorax"
 CONTENT_LABEL = "PNEUMOTHORAX"  # CS, at most 16 characters
@@ -113,10 +125,10 @@ def _uid(*parts: Any) -> str:
     return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
-def _without_orphan_spacing(source):
-    """``source``, or a copy without ``PixelSpacing`` when it has no patient coordinate
-    system (a projection radiograph: no Frame of Reference, or no Image Position (Patient))
-    and no ``SliceThickness``.
+def _drop_orphan_spacing(source) -> None:
+    """Remove ``PixelSpacing`` from ``source`` (a cleaned copy) when it has no patient
+    coordinate system (a projection radiograph: no Frame of Reference, or no Image Position
+    (Patient)) and no ``SliceThickness``.
 
     highdicom 0.28 copies such a ``PixelSpacing`` into a Pixel Measures item without Slice
     Thickness, which its own reader then refuses (``segread``: "Sequence does not have the
@@ -129,16 +141,11 @@ def _without_orphan_spacing(source):
     from highdicom.spatial import get_image_coordinate_system
 
     if (
-        "PixelSpacing" not in source
-        or "SliceThickness" in source
-        or get_image_coordinate_system(source) is not None
+        "PixelSpacing" in source
+        and "SliceThickness" not in source
+        and get_image_coordinate_system(source) is None
     ):
-        return source
-    import copy
-
-    header = copy.deepcopy(source)
-    del header.PixelSpacing
-    return header
+        del source.PixelSpacing
 
 
 def build_segmentation(source, mask: np.ndarray, algorithm: AlgorithmInfo | None = None, *,
@@ -153,8 +160,8 @@ def build_segmentation(source, mask: np.ndarray, algorithm: AlgorithmInfo | None
         name: how to name the source in errors (default: its SOP Instance UID).
 
     Raises:
-        DataError: a multi-frame source, a mask of another size, or a source highdicom
-            cannot derive a SEG from (missing UIDs...).
+        DataError: a multi-frame source, a mask of another size, a source whose referenced
+            UIDs are missing, empty or malformed, or one highdicom cannot derive a SEG from.
     """
     import highdicom as hd
 
@@ -172,7 +179,8 @@ def build_segmentation(source, mask: np.ndarray, algorithm: AlgorithmInfo | None
             f"{shape[1]} (Rows x Columns): the SEG needs the mask at native size",
         )
     binary = np.ascontiguousarray(mask != 0, dtype=np.uint8)
-    source = _without_orphan_spacing(source)
+    source = clean_source(source, name=label).dataset
+    _drop_orphan_spacing(source)
     codes = _codes()
     version = algorithm.resolved_version()
     params = algorithm.parameter_dict()
@@ -198,13 +206,13 @@ def build_segmentation(source, mask: np.ndarray, algorithm: AlgorithmInfo | None
             # highdicom checks the copied Patient's Name; SIIM's are single-component ids,
             # which it warns about: nothing the user of the SEG can act on
             warnings.filterwarnings("ignore", message=".*intended person name.*")
-            return hd.seg.Segmentation(
+            seg = hd.seg.Segmentation(
                 source_images=[source],
                 pixel_array=binary,
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=[segment],
                 series_instance_uid=_uid("seg-series", source.SeriesInstanceUID, *key),
-                series_number=int(source.get("SeriesNumber", 0) or 0) + 1000,
+                series_number=derived_series_number(source),
                 sop_instance_uid=_uid(
                     "seg-instance",
                     source.SOPInstanceUID,
@@ -226,8 +234,15 @@ def build_segmentation(source, mask: np.ndarray, algorithm: AlgorithmInfo | None
         raise
     except Exception as exc:  # noqa: BLE001 - highdicom raises many types on bad sources
         raise DataError(
-            label, f"cannot make a DICOM SEG from it ({type(exc).__name__}: {exc})"
+            label, f"cannot make a DICOM SEG from it ({type(exc).__name__}: {one_line(str(exc))})"
         ) from None
+    # General Image: Type 2C, "empty if unknown", for an image without Image Orientation
+    # (Patient); the frame is the source's pixel for pixel, so its orientation is the source's
+    seg.PatientOrientation = source.get("PatientOrientation") or ""
+    bad = invalid_uids(seg)
+    if bad:  # never written: a UID the checks above let through would be a defect here
+        raise DataError(label, f"the DICOM SEG would hold an invalid UID ({bad[0]}): not written")
+    return seg
 
 
 def write_dicom_seg(

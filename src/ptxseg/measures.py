@@ -9,11 +9,14 @@ geometric magnification, divided by ``EstimatedRadiographicMagnificationFactor``
 where the header has one). Both are ``[row spacing, column spacing]`` in mm for the image's
 ``Rows`` x ``Columns``; a mask of another size is scaled (each mask pixel covers
 ``Rows / mask rows`` x ``Columns / mask columns`` image pixels). Without a spacing (PNG,
-JPEG, a DICOM without those tags) ``area_cm2`` is empty and ``area_note`` says why. The
-note also says which tag was used, and warns when the spacing makes the image smaller than
-20 cm across (the SIIM-ACR DICOMs: 1024 px at 0.139-0.194 mm is 14-20 cm, less than an adult
-chest; their spacing seems to describe the image before it was resized to 1024 px, so their
-cm² figures are too small).
+JPEG, a DICOM without those tags) ``area_cm2`` is empty and ``area_note`` says why; so it
+is for a spacing outside :data:`SPACING_RANGE_MM` (0.02-5 mm, before and after the
+magnification correction) or a magnification factor outside :data:`MAGNIFICATION_RANGE`
+(1-3): a header's ``1e200`` or ``1e-300`` never becomes an infinite or a zero area, and no
+measure is ever NaN or infinite. The note also says which tag was used, and warns when the
+spacing makes the image smaller than 20 cm across (the SIIM-ACR DICOMs: 1024 px at
+0.139-0.194 mm is 14-20 cm, less than an adult chest; their spacing seems to describe the
+image before it was resized to 1024 px, so their cm² figures are too small).
 
 **Side.** In the standard radiological display of a frontal chest radiograph, PA or AP
 alike, the patient's right is on the image's left (the viewer faces the patient). The side
@@ -45,12 +48,23 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ptxseg.errors import PtxsegError
+
 #: a side with at least this share of the area makes a bilateral ("both") finding
 BOTH_MIN_SHARE = 0.1
 #: spacing that makes the image narrower than this (mm) gets a warning in ``area_note``
 MIN_PLAUSIBLE_FIELD_MM = 200.0
 #: the words of that warning (:attr:`LesionMeasures.spacing_doubtful` looks for them)
 SMALL_FIELD = "small for an adult chest"
+#: pixel spacing (mm) accepted for cm²: projection radiographs lie between about 0.05 mm
+#: (mammography detectors) and 1 mm (a chest film resized to ~430 px); the bounds leave a
+#: factor of 2.5 below and 5 above (a thumbnail, a magnification view) and refuse spacing
+#: in metres or micrometres, or an absurd one (1e200, 1e-300)
+SPACING_RANGE_MM = (0.02, 5.0)
+#: EstimatedRadiographicMagnificationFactor accepted: source-to-detector over source-to-object
+#: distance, 1 or more by geometry, about 1.1-1.2 for a chest film and up to 2 for a
+#: magnification view
+MAGNIFICATION_RANGE = (1.0, 3.0)
 #: the columns a measures row adds to results.csv / per_image.csv
 MEASURE_COLUMNS = ("area_px", "area_cm2", "area_note", "side", "right_share", "side_basis",
                    "max_prob")
@@ -85,6 +99,13 @@ class LesionMeasures:
     right_share: float | None
     side_basis: str
     max_prob: float | None
+
+    def __post_init__(self) -> None:
+        # no NaN or inf ever leaves the measures (JSON, CSV, captions)
+        for name in ("area_cm2", "right_share", "max_prob"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"LesionMeasures.{name} {value} is not finite")
 
     @property
     def spacing_doubtful(self) -> bool:
@@ -128,13 +149,34 @@ def _floats(value: Any) -> list[float] | None:
     return out if len(out) == 2 and all(math.isfinite(v) and v > 0 for v in out) else None
 
 
+def _shown(raw: Any) -> str:
+    """A header value in a note: at most 60 characters, control characters escaped."""
+    text = repr(raw)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _implausible(spacing: list[float]) -> bool:
+    low, high = SPACING_RANGE_MM
+    return not all(low <= v <= high for v in spacing)
+
+
+def _range_note(what: str, spacing: list[float]) -> str:
+    low, high = SPACING_RANGE_MM
+    return (f"{what} {spacing[0]:g} x {spacing[1]:g} mm outside the plausible {low:g}-{high:g} "
+            "mm of a radiograph: no cm²")  # fmt: skip
+
+
 def spacing_from_dataset(ds) -> tuple[tuple[float, float] | None, str]:
-    """``((row mm, column mm), note)`` from a pydicom dataset, or ``(None, reason)``."""
+    """``((row mm, column mm), note)`` from a pydicom dataset, or ``(None, reason)``: a
+    spacing outside :data:`SPACING_RANGE_MM` (before or after the magnification correction)
+    or a magnification factor outside :data:`MAGNIFICATION_RANGE` gives none."""
     raw = ds.get("PixelSpacing")
     if raw is not None and str(raw).strip():
         sp = _floats(raw)
         if sp is None:
-            return None, f"PixelSpacing not usable ({raw!r})"
+            return None, f"PixelSpacing not usable ({_shown(raw)})"
+        if _implausible(sp):
+            return None, _range_note("PixelSpacing", sp)
         spacing, tag = sp, "PixelSpacing"
     else:
         raw = ds.get("ImagerPixelSpacing")
@@ -142,16 +184,26 @@ def spacing_from_dataset(ds) -> tuple[tuple[float, float] | None, str]:
             return None, "no PixelSpacing or ImagerPixelSpacing in the DICOM header"
         sp = _floats(raw)
         if sp is None:
-            return None, f"ImagerPixelSpacing not usable ({raw!r})"
+            return None, f"ImagerPixelSpacing not usable ({_shown(raw)})"
+        if _implausible(sp):
+            return None, _range_note("ImagerPixelSpacing", sp)
         tag = "ImagerPixelSpacing (at the detector, not corrected for magnification)"
         mag = ds.get("EstimatedRadiographicMagnificationFactor")
         try:
             factor = float(mag) if mag is not None and str(mag).strip() else None
         except (TypeError, ValueError):
-            factor = None
-        if factor is not None and math.isfinite(factor) and factor > 0:
+            return None, f"EstimatedRadiographicMagnificationFactor not usable ({_shown(mag)})"
+        if factor is not None:
+            low, high = MAGNIFICATION_RANGE
+            if not (math.isfinite(factor) and low <= factor <= high):
+                return None, (
+                    f"EstimatedRadiographicMagnificationFactor {factor:g} outside the "
+                    f"plausible {low:g}-{high:g}: no cm²"
+                )
             sp = [v / factor for v in sp]
             tag = f"ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor {factor:g}"
+            if _implausible(sp):
+                return None, _range_note(tag, sp)
         spacing = sp
     note = f"from {tag} {spacing[0]:g} x {spacing[1]:g} mm"
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
@@ -273,8 +325,16 @@ def measure(
     lesion) of an image with ``geometry`` (default: a non-DICOM image).
 
     ``max_prob`` is passed through (the image's highest probability, as in results.csv).
+
+    Raises:
+        PtxsegError: ``max_prob`` is NaN or infinite (one line, as evaluate's refusal of such
+            probabilities).
     """
     geometry = geometry or Geometry()
+    if max_prob is not None and not math.isfinite(max_prob):
+        raise PtxsegError(
+            f"the model's probabilities are not finite (max {max_prob}): no measures of them"
+        )
     area = int(np.count_nonzero(mask))
     area_cm2: float | None = None
     note = geometry.spacing_note
@@ -288,6 +348,8 @@ def measure(
                 f"{geometry.shape[0]}x{geometry.shape[1]}"
             )
         area_cm2 = area * row_mm * col_mm / 100.0
+        if not math.isfinite(area_cm2):  # the spacing is bounded: cannot happen, never shown
+            area_cm2, note = None, f"{note}; the area overflows: no cm²"
     if geometry.right_on_image_left is None:
         share, side = None, ("none" if area == 0 else "n/a")
     else:
