@@ -29,7 +29,6 @@ probability). This module imports neither torch nor the model.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -37,8 +36,8 @@ from typing import Any
 
 from ptxseg import __version__
 from ptxseg.data.folds import fold_split
-from ptxseg.errors import RunDirError
-from ptxseg.fileio import read_text, write_json
+from ptxseg.errors import DataError, RunDirError
+from ptxseg.fileio import read_json, write_json
 from ptxseg.run import BEST, Run
 
 MANIFEST = "cv.json"
@@ -182,11 +181,11 @@ def read_manifest(cv_dir: str | Path) -> CVManifest:
         path = path / MANIFEST
         if not path.is_file():
             raise RunDirError(f"{cv_dir}: not a cross-validation folder (no {MANIFEST})")
-    text = read_text(path, "manifest", missing=f"no {MANIFEST} (not a cross-validation folder)")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RunDirError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        data = read_json(path, "cross-validation manifest",
+                         missing=f"no {MANIFEST} (not a cross-validation folder)")  # fmt: skip
+    except DataError as exc:
+        raise RunDirError(str(exc)) from None
     return _check(data, path)
 
 
