@@ -6,7 +6,7 @@ in a ``str``) is written ``\\xff`` (:func:`ptxseg.errors.printable`) instead of 
 
 Reading: :func:`open_regular` opens regular files only (a FIFO, a device, a symlink loop is
 a one-line :class:`~ptxseg.errors.DataError`, never a read that blocks forever); every file
-ptxseg reads goes through it (``tests/test_reliability_bombs.py`` scans the code for any other
+ptxseg reads goes through it (``tests/test_reliability_readers.py`` scans the code for any other
 reader). A file parsed whole is read with a size limit (:func:`read_bytes`, :func:`read_text`:
 :data:`TEXT_LIMIT`; :func:`read_json`: :data:`JSON_LIMIT` and :data:`JSON_DEPTH` levels of
 nesting), checked on the file's size before reading and again while reading, so a huge file
