@@ -165,11 +165,15 @@ def test_nothing_of_a_file_that_is_not_a_config_is_quoted(tmp_path):
 
 
 def test_a_config_with_a_misspelt_section_still_gets_its_suggestion(tmp_path):
+    """The not-a-config rule leaves configs alone: a misspelt only section keeps its
+    suggestion, an empty mapping is the defaults."""
     path = tmp_path / "c.yaml"
     path.write_text("trian:\n  epochs: 3\n")
     assert _refused_in_time(lambda: load_config(path)) == (
         f"{path}: unknown key 'trian' (did you mean train?)"
     )
+    path.write_text("{}\n")
+    assert load_config(path) == load_config()
 
 
 # ------------------------------------------------------------------------------------- JSON

@@ -260,7 +260,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections")
     named = [k for k in data if isinstance(k, str) and _NAME.fullmatch(k)]
-    if not any(k in Config.model_fields or suggest_key(k) for k in named):
+    if data and not any(k in Config.model_fields or suggest_key(k) for k in named):
         raise ConfigError(
             f"{path}: not a ptxseg config (none of its {len(data)} top-level keys is a "
             f"section: {', '.join(Config.model_fields)})"
