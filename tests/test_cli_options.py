@@ -86,6 +86,43 @@ def test_no_help_shows_a_type_for_a_flag(capsys):
     assert re.search(r"^\s+--json\s+Machine-readable output\.", _help(capsys, "inspect"), re.M)
 
 
+def _command_paths() -> list[list[str]]:
+    """Every command and command group of the CLI, as argv ([] is ``ptxseg`` itself)."""
+    import typer
+
+    paths, stack = [], [([], typer.main.get_command(app))]
+    while stack:
+        path, command = stack.pop()
+        paths.append(path)
+        stack += [([*path, name], sub) for name, sub in getattr(command, "commands", {}).items()]
+    return sorted(paths)
+
+
+def test_help_shows_metavars_not_python_types(capsys):
+    """No --help shows a Python type (``--set <list[str]>``, ``--model <list[Path]>``,
+    ``<path>``, ``<int range>``) or typer's braces (``{run}``): every value has a metavar
+    (``--set KEY=VALUE``, ``--model MODEL``, ``RUN``); choices list their values."""
+    paths = _command_paths()
+    assert ["config", "show"] in paths and len(paths) >= 13
+    python = re.compile(r"list\[|Path\]|\{|\}|<class|<(path|int|float|str|text|bool|dict)\b"
+                        r"|range>")  # fmt: skip
+    for path in paths:
+        text = _help(capsys, *path)
+        bad = [line for line in text.splitlines() if python.search(line)]
+        assert not bad, (path, bad)
+        usage = text.splitlines()[0]
+        assert re.fullmatch(r"Usage: ptxseg( [a-z]+)* \[OPTIONS\]( \[?[A-Z|.]+\]?)*"
+                            r"( COMMAND \[ARGS\]\.\.\.)?", usage), usage  # fmt: skip
+    text = _help(capsys, "predict")
+    assert text.splitlines()[0] == "Usage: ptxseg predict [OPTIONS] RUN INPUT..."
+    for option, metavar in (("--model", "MODEL"), ("--id-map", "CSV"), ("--out", "DIR"),
+                            ("--workers", "N")):  # fmt: skip
+        assert re.search(rf"^  {option} {re.escape(metavar)}  ", text, re.M), option
+    assert re.search(r"^  RUN  +Run folder", text, re.M)
+    assert re.search(r"^  --set KEY=VALUE  ", _help(capsys, "train"), re.M)
+    assert re.search(r"^  --out FILE  +ONNX file", _help(capsys, "export"), re.M)
+
+
 def test_an_unknown_device_is_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["predict", str(tmp_path), str(tmp_path), "--out", str(out), "--device", "tpu"])

@@ -120,7 +120,8 @@ def test_an_untrained_fold_is_named(cv, tmp_path, synth_data, capsys):
 def test_a_fold_trained_on_another_split_is_refused_before_its_model_loads(
     cv, tmp_path, monkeypatch, capsys
 ):
-    """fold-2's split.csv is fold 0's: tune names the file, and no model was loaded."""
+    """fold-2's split.csv is fold 0's: tune names the file, and no model was loaded (the
+    folds are checked before any model loads)."""
     import shutil
 
     broken = tmp_path / "cv"
@@ -139,8 +140,71 @@ def test_a_fold_trained_on_another_split_is_refused_before_its_model_loads(
     assert main(["tune", str(broken)]) == 2
     err = capsys.readouterr().err
     assert f"{broken / 'fold-2' / 'split.csv'}: fold 2 validates on other images" in err
-    assert loaded == ["fold-0", "fold-1"]
+    assert loaded == []
     assert (thresholds.read_bytes() if thresholds.exists() else None) == before
+
+
+def _foreign_fold_cases(broken: Path, synth_data: Path, images: Path, out: Path) -> list:
+    return [
+        ["tune", broken],
+        ["evaluate", broken, "--data", synth_data, "--out", out / "ev"],
+        ["predict", broken, images, "--out", out / "pr"],
+        ["predict", broken / "fold-0", images, "--out", out / "pr2", "--model", broken],
+    ]
+
+
+def test_a_foreign_fold_is_refused_by_tune_evaluate_and_predict(
+    cv, tmp_path, synth_data, images, capsys
+):
+    """fold-1 replaced by a run trained on other data (its own split of other images): tune
+    refused it, evaluate and predict used it silently; now all three refuse, naming it, and
+    write nothing."""
+    import shutil
+
+    broken = tmp_path / "cv"
+    shutil.copytree(cv["root"], broken)
+    shutil.rmtree(broken / "fold-1")
+    other = cv["records"][:10]
+    foreign = broken / "fold-1"
+    make_run(foreign, decisive=False, seed=99)
+    write_split(foreign / "split.csv", other,
+                {r.id: ("val" if i < 3 else "train") for i, r in enumerate(other)})  # fmt: skip
+    Run(foreign).write_info({"root": "/elsewhere/data", "layout": "png", "rle": None})
+    for args in _foreign_fold_cases(broken, synth_data, images, tmp_path):
+        assert main(list(map(str, args))) == 2, args
+        err = capsys.readouterr().err
+        assert err == (
+            f"error: {foreign / 'split.csv'}: fold 1 validates on other images than its fold "
+            f"of {broken / 'cv.json'}; was it trained for another CV folder or on other data?\n"
+        ), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cv"]
+
+
+def test_a_fold_that_links_outside_the_cv_folder_is_refused(
+    cv, tmp_path, synth_data, images, capsys
+):
+    """fold-1 a symlink to an exact copy of itself outside the CV folder: the names pass the
+    manifest's check and the split matches, but the folder is not the CV folder's."""
+    import shutil
+
+    broken = tmp_path / "cv"
+    shutil.copytree(cv["root"], broken)
+    elsewhere = tmp_path / "elsewhere" / "run"
+    elsewhere.parent.mkdir()
+    shutil.move(broken / "fold-1", elsewhere)
+    (broken / "fold-1").symlink_to(elsewhere, target_is_directory=True)
+    for args in _foreign_fold_cases(broken, synth_data, images, tmp_path):
+        assert main(list(map(str, args))) == 2, args
+        assert capsys.readouterr().err == (
+            f"error: {broken / 'fold-1'}: fold 1 of {broken} links to {elsewhere}, outside the "
+            "cross-validation folder (copy the run into it instead)\n"
+        ), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cv", "elsewhere"]
+    # a link that stays inside the CV folder is no escape either: it is another fold's run
+    (broken / "fold-1").unlink()
+    (broken / "fold-1").symlink_to("fold-0", target_is_directory=True)
+    assert main(["tune", str(broken)]) == 2
+    assert "fold-1/split.csv: fold 1 validates on other images" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -231,6 +231,33 @@ def test_unreadable_and_empty_files(tmp_path):
         _model("tu-no_such_model")
 
 
+def test_a_file_with_a_nan_or_inf_tensor_is_refused_naming_it(tmp_path):
+    """One NaN (a .pth) or three infinities (a .safetensors) in one tensor of an otherwise
+    matching file: refused at load, naming the tensor and the count; the encoder is left as it
+    was (it loaded "608 of 608 tensors" and trained to NaN before)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.clone() for k, v in _model("efficientnet-b0").net.encoder.state_dict().items()}
+    name = sorted(k for k, v in state.items() if v.is_floating_point() and v.numel() > 3)[7]
+    nan_state = {**state, name: state[name].clone()}
+    nan_state[name].view(-1)[1] = float("nan")
+    torch.save(nan_state, tmp_path / "nan.pth")
+    inf_state = {**state, name: state[name].clone().contiguous()}
+    inf_state[name].view(-1)[:3] = torch.tensor([float("inf"), -float("inf"), float("inf")])
+    save_file(inf_state, str(tmp_path / "inf.safetensors"))
+    for file, count in (("nan.pth", "1 non-finite value "), ("inf.safetensors", "3 non-finite "
+                                                               "values ")):  # fmt: skip
+        path = tmp_path / file
+        with pytest.raises(ConfigError) as info:
+            _model("efficientnet-b0", str(path))
+        assert str(info.value) == (
+            f"model.encoder_weights: {path}: refusing to load: tensor '{name}' holds {count}"
+            "(NaN or inf: the file is corrupt or its training diverged)"
+        )
+    torch.save(state, tmp_path / "ok.pth")  # the same file without them loads
+    assert _model("efficientnet-b0", str(tmp_path / "ok.pth")).encoder_weights_report.loaded
+
+
 def test_training_records_the_weights_sha256_and_report(synth_data, tiny_run, tmp_path):
     from ptxseg.train import fit
 

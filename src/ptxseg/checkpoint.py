@@ -15,21 +15,24 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from ptxseg.config import Config, ModelConfig
-from ptxseg.errors import CheckpointError
+from ptxseg.errors import CheckpointError, DataError
+from ptxseg.fileio import open_regular
 from ptxseg.model import SegModel, build_model
 from ptxseg.normalization import IMAGENET, Normalization
+from ptxseg.weights import nonfinite
 
 CHECKPOINT_FORMAT = 1  # of checkpoint["ptxseg"]
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the legacy pickle format
 
 
-def _is_onnx(path: Path, head: bytes) -> bool:
-    """An ONNX model (a ModelProto: field 1, ir_version, comes first), by name or content."""
+def _is_onnx(path: Path, fh: IO[bytes], head: bytes) -> bool:
+    """An ONNX model (a ModelProto: field 1, ir_version, comes first), by name or content
+    (``fh``: the file, opened by :func:`~ptxseg.fileio.open_regular`)."""
     if path.suffix.lower() == ".onnx":
         return True
     if not head.startswith(b"\x08"):
@@ -37,7 +40,8 @@ def _is_onnx(path: Path, head: bytes) -> bool:
     try:
         import onnx
 
-        proto = onnx.load_model(str(path), load_external_data=False)
+        fh.seek(0)
+        proto = onnx.load_model_from_string(fh.read())
     except Exception:  # noqa: BLE001 - anything that does not parse is not ONNX
         return False
     return len(proto.graph.node) > 0
@@ -48,20 +52,28 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
     Raises:
         CheckpointError: missing, empty, truncated or unsafe file (pickled objects that are not
-            plain weights are refused, never executed), an ONNX model, any other file.
+            plain weights are refused, never executed), an ONNX model, a FIFO, a folder or
+            anything else that is not a regular file, any other file.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
+        fh = open_regular(path)
+    except DataError as exc:
+        problem = "checkpoint not found" if exc.problem == "file not found" else exc.problem
+        raise CheckpointError(f"{path}: {problem}") from None
+    with fh:
+        return _read_checkpoint(path, fh)
+
+
+def _read_checkpoint(path: Path, fh: IO[bytes]) -> dict[str, Any]:
+    try:
+        head = fh.read(8)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not head:
         raise CheckpointError(f"{path}: truncated or not a checkpoint (empty file)")
     if not head.startswith(_TORCH_MAGIC):
-        if _is_onnx(path, head):
+        if _is_onnx(path, fh, head):
             raise CheckpointError(
                 f"{path}: is an ONNX model, not a checkpoint (use --backend onnx)"
             )
@@ -70,7 +82,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "torch.save)"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        fh.seek(0)
+        obj = torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
@@ -107,18 +120,13 @@ def model_state_from_checkpoint(obj: dict, path: Path) -> dict[str, torch.Tensor
 def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Refuse weights holding NaN or infinity (a diverged run, a corrupt file), naming the
     checkpoint and the first bad tensor: no stage may compute from them."""
-    for key, value in state.items():
-        if (
-            isinstance(value, torch.Tensor)
-            and value.is_floating_point()
-            and not bool(torch.isfinite(value).all())
-        ):
-            n_bad = int((~torch.isfinite(value)).sum())
-            raise CheckpointError(
-                f"{path}: refusing to load: weight '{key}' holds {n_bad} non-finite value"
-                f"{'s' * (n_bad != 1)} (NaN or inf; the training diverged or the file is "
-                "corrupt)"
-            )
+    bad = nonfinite(state)
+    if bad is not None:
+        key, n_bad = bad
+        raise CheckpointError(
+            f"{path}: refusing to load: weight '{key}' holds {n_bad} non-finite value"
+            f"{'s' * (n_bad != 1)} (NaN or inf; the training diverged or the file is corrupt)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

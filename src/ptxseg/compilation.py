@@ -43,7 +43,6 @@ after 7.8 s (compile, warm cache)``), on the progress bar's console or as plain 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -229,9 +228,12 @@ class Ledger:
         self.path = Path(folder) / LEDGER
 
     def _read(self) -> dict[str, Any]:
+        from ptxseg.errors import DataError
+        from ptxseg.fileio import read_json
+
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            data = read_json(self.path, "compile ledger")
+        except DataError:
             return {}
         return data if isinstance(data, dict) else {}
 

@@ -25,11 +25,16 @@ the post-processing on the out-of-fold predictions (:func:`ptxseg.tune.tune_cv`)
 ``CV/thresholds.json``; ``ptxseg evaluate CV`` and ``ptxseg predict CV`` run the trained folds
 (:func:`trained_folds`) as one ensemble (:class:`ptxseg.predictor.Predictor`: the mean
 probability). This module imports neither torch nor the model.
+
+A fold is the CV folder's only when it lies inside it and validates on its fold of
+``cv.json``: :func:`read_manifest` resolves each fold folder (a symlink to a run elsewhere is
+refused, whatever its name says) and :func:`trained_folds`, which tune, evaluate and predict
+all go through, compares each fold's ``split.csv`` with ``cv.json`` before any model is
+loaded (a run trained on other data, copied in as ``fold-1``, is refused).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -37,8 +42,8 @@ from typing import Any
 
 from ptxseg import __version__
 from ptxseg.data.folds import fold_split
-from ptxseg.errors import RunDirError
-from ptxseg.fileio import read_text, write_json
+from ptxseg.errors import DataError, RunDirError
+from ptxseg.fileio import read_json, resolved, write_json
 from ptxseg.run import BEST, Run
 
 MANIFEST = "cv.json"
@@ -182,12 +187,34 @@ def read_manifest(cv_dir: str | Path) -> CVManifest:
         path = path / MANIFEST
         if not path.is_file():
             raise RunDirError(f"{cv_dir}: not a cross-validation folder (no {MANIFEST})")
-    text = read_text(path, "manifest", missing=f"no {MANIFEST} (not a cross-validation folder)")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RunDirError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    return _check(data, path)
+        data = read_json(path, "cross-validation manifest",
+                         missing=f"no {MANIFEST} (not a cross-validation folder)")  # fmt: skip
+    except DataError as exc:
+        raise RunDirError(str(exc)) from None
+    manifest = _check(data, path)
+    _check_inside(path.parent, manifest)
+    return manifest
+
+
+def _check_inside(root: Path, manifest: CVManifest) -> None:
+    """Each fold folder that exists lies inside ``root`` once symlinks are resolved (the
+    manifest's check reads only the names).
+
+    Raises:
+        RunDirError: a fold folder that is (or lies under) a link to a folder elsewhere.
+    """
+    inside = resolved(root)
+    for i in range(manifest.k):
+        fold = manifest.fold_dir(root, i)
+        if not os.path.lexists(fold):
+            continue
+        real = resolved(fold)
+        if not real.is_relative_to(inside):
+            raise RunDirError(
+                f"{fold}: fold {i} of {root} links to {real}, outside the cross-validation "
+                "folder (copy the run into it instead)"
+            )
 
 
 def is_cv_dir(path: str | Path) -> bool:
@@ -221,11 +248,12 @@ def create_manifest(cv_dir: str | Path, manifest: CVManifest) -> CVManifest:
 
 def trained_folds(cv_dir: str | Path) -> tuple[CVManifest, list[Run]]:
     """The manifest and the run folder of every fold, each trained (a best checkpoint or an
-    ONNX export).
+    ONNX export) and validating on its fold of ``cv.json`` (:func:`check_fold`): what tune,
+    evaluate and predict use. Nothing is loaded.
 
     Raises:
-        RunDirError: not a CV folder, or a fold not trained yet (naming the command that
-            trains it).
+        RunDirError: not a CV folder, a fold outside it, a fold not trained yet (naming the
+            command that trains it), or a fold trained on other images.
     """
     manifest = read_manifest(cv_dir)
     runs = [Run(manifest.fold_dir(cv_dir, i)) for i in range(manifest.k)]
@@ -235,4 +263,28 @@ def trained_folds(cv_dir: str | Path) -> tuple[CVManifest, list[Run]]:
                 f"{run.path}: fold {i} of {cv_dir} is not trained (no {BEST}); train it with "
                 f"ptxseg train --data DATA --out {cv_dir} --fold {i}"
             )
+    for i, run in enumerate(runs):
+        check_fold(manifest, i, run, Path(cv_dir) / MANIFEST)
     return manifest, runs
+
+
+def check_fold(manifest: CVManifest, fold: int, run: Run, where: str | Path) -> None:
+    """Fold ``fold``'s run folder validated on its fold of the manifest (``where``): its
+    ``split.csv`` is :meth:`CVManifest.split` of it, image for image.
+
+    Raises:
+        RunDirError: no readable ``split.csv``, or one that validates on other images (a run
+            trained for another CV folder, or on other data).
+    """
+    try:
+        split = run.split()
+    except DataError as exc:
+        raise RunDirError(
+            f"{exc}; fold {fold} of {Path(where).parent} does not say which images it "
+            "validated on"
+        ) from None
+    if split != manifest.split(fold):
+        raise RunDirError(
+            f"{run.split_path}: fold {fold} validates on other images than its fold of "
+            f"{where}; was it trained for another CV folder or on other data?"
+        )

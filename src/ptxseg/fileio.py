@@ -5,8 +5,12 @@ fsync, ``os.replace``). Text is written as UTF-8; a name that is not UTF-8 (a lo
 in a ``str``) is written ``\\xff`` (:func:`ptxseg.errors.printable`) instead of failing.
 
 Reading: :func:`open_regular` opens regular files only (a FIFO, a device, a symlink loop is
-a one-line :class:`~ptxseg.errors.DataError`, never a read that blocks forever); text and CSV
-files the user names are read through it (:func:`read_text`, :func:`read_csv_lines`).
+a one-line :class:`~ptxseg.errors.DataError`, never a read that blocks forever); every file
+ptxseg reads goes through it (``tests/test_reliability_readers.py`` scans the code for any other
+reader). A file parsed whole is read with a size limit (:func:`read_bytes`, :func:`read_text`:
+:data:`TEXT_LIMIT`; :func:`read_json`: :data:`JSON_LIMIT` and :data:`JSON_DEPTH` levels of
+nesting), checked on the file's size before reading and again while reading, so a huge file
+is refused at once and a growing one after ``limit`` bytes.
 :func:`folder_lock` keeps two processes from writing into one output folder at once.
 """
 
@@ -210,22 +214,109 @@ def folder_lock(folder: str | Path, name: str = ".ptxseg.lock") -> Iterator[None
         os.close(fd)  # releases the lock
 
 
-def read_text(path: str | Path, what: str, *, missing: str = "file not found",
-              encoding: str = "utf-8") -> str:
-    """Read a text file the user named; a missing or unreadable file is a one-line
-    :class:`~ptxseg.errors.DataError` (``missing`` / ``cannot read {what} (...)``)."""
+#: the largest text file read whole (a CSV, a manifest): far above any real one
+TEXT_LIMIT = 256 << 20
+#: the largest JSON file read (thresholds.json, data.json, cv.json, predict.json)
+JSON_LIMIT = 64 << 20
+#: the deepest nesting of a JSON file read (ptxseg's own go 4 levels deep)
+JSON_DEPTH = 32
+
+
+def size_text(n: int) -> str:
+    """``n`` bytes for a message: ``"512 bytes"``, ``"1 MiB"``, ``"3.2 GiB"``."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.3g} {unit}"
+    raise AssertionError  # pragma: no cover
+
+
+def read_bytes(path: str | Path, what: str, *, missing: str = "file not found",
+               limit: int | None = TEXT_LIMIT) -> bytes:
+    """Read a regular file the user named, whole (:func:`open_regular`).
+
+    Args:
+        what: what the file is, for messages (``"config"``, ``"CSV"``...).
+        missing: the problem said of a missing file.
+        limit: the most bytes it may hold (``None``: any size); a larger file is refused from
+            its size before anything is read, a growing one after ``limit`` bytes.
+
+    Raises:
+        DataError: missing, not a regular file, unreadable, or larger than ``limit``.
+    """
     from ptxseg.errors import DataError
+
+    def too_large(size: str) -> DataError:
+        return DataError(path, f"too large for a {what} ({size}; the limit is "
+                               f"{size_text(limit or 0)})")  # fmt: skip
 
     try:
         with open_regular(path) as fh:
-            data = fh.read()
-        return io.TextIOWrapper(io.BytesIO(data), encoding=encoding).read()
+            if limit is None:
+                return fh.read()
+            size = os.fstat(fh.fileno()).st_size
+            if size > limit:
+                raise too_large(size_text(size))
+            data = fh.read(limit + 1)
     except DataError as exc:
         if exc.problem == "file not found":
             raise DataError(path, missing) from None
         raise
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise DataError(path, f"cannot read {what} ({exc.strerror or exc})") from None
+    if len(data) > limit:
+        raise too_large(f"more than {size_text(limit)}")
+    return data
+
+
+def read_text(path: str | Path, what: str, *, missing: str = "file not found",
+              encoding: str = "utf-8", limit: int | None = TEXT_LIMIT) -> str:
+    """Read a text file the user named (:func:`read_bytes`); a missing or unreadable file is a
+    one-line :class:`~ptxseg.errors.DataError` (``missing`` / ``cannot read {what} (...)``)."""
+    from ptxseg.errors import DataError
+
+    data = read_bytes(path, what, missing=missing, limit=limit)
+    try:
+        return io.TextIOWrapper(io.BytesIO(data), encoding=encoding).read()
+    except UnicodeDecodeError as exc:
         raise DataError(path, f"cannot read {what} ({exc})") from None
+
+
+def json_depth(obj: Any) -> int:
+    """How deep lists and objects nest in ``obj`` (a scalar: 0), walked without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in node if isinstance(child, dict | list))
+    return deepest
+
+
+def read_json(path: str | Path, what: str, *, missing: str = "file not found",
+              limit: int = JSON_LIMIT, depth: int = JSON_DEPTH) -> Any:
+    """A JSON file the user named, parsed (:func:`read_text`, at most ``limit`` bytes and
+    ``depth`` levels of nesting: a JSON bomb is a one-line refusal, never a RecursionError).
+
+    Raises:
+        DataError: see :func:`read_bytes`; not valid JSON; nested deeper than ``depth``.
+    """
+    from ptxseg.errors import DataError
+
+    text = read_text(path, what, missing=missing, limit=limit)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except RecursionError:
+        raise DataError(path, f"nested deeper than {depth} levels (not a {what})") from None
+    if json_depth(obj) > depth:
+        raise DataError(path, f"nested deeper than {depth} levels (not a {what})")
+    return obj
 
 
 def _norm(name: str) -> str:
@@ -288,7 +379,7 @@ def sha256_file(path: str | Path) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

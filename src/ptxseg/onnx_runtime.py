@@ -44,6 +44,23 @@ def session(model: bytes | str | Path, providers: list[str] | None = None, spin:
     return ort.InferenceSession(src, sess_options=opts, providers=providers or onnx_providers())
 
 
+def _read_model(path: Path) -> bytes:
+    """The bytes of an ONNX file (a regular file: :func:`ptxseg.fileio.read_bytes`; ptxseg's
+    exports keep their weights inside the file)."""
+    from ptxseg.errors import DataError
+    from ptxseg.fileio import read_bytes
+
+    try:
+        return read_bytes(path, "ONNX model", limit=None)
+    except DataError as exc:
+        if exc.problem == "file not found":
+            raise CheckpointError(
+                f"{path}: ONNX model not found (create it with `ptxseg export RUN`, or pass "
+                "--model FILE)"
+            ) from None
+        raise CheckpointError(str(exc)) from None
+
+
 class OnnxModel:
     """An exported model on ONNX Runtime: a backend of :class:`ptxseg.predictor.Predictor`.
 
@@ -61,12 +78,7 @@ class OnnxModel:
         source = path
         self.path = Path("<in memory>") if isinstance(path, bytes) else Path(path)
         if not isinstance(path, bytes):
-            source = self.path
-            if not self.path.is_file():
-                raise CheckpointError(
-                    f"{self.path}: ONNX model not found (create it with `ptxseg export RUN`, "
-                    "or pass --model FILE)"
-                )
+            source = _read_model(self.path)
         try:
             self.session = session(source, providers, spin=spin)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from ptxseg.data.ids import safe_id
 from ptxseg.errors import DataError, PtxsegError
-from ptxseg.fileio import FolderBusy, folder_lock, not_regular, read_text, resolved
+from ptxseg.fileio import FolderBusy, folder_lock, not_regular, read_json, read_text, resolved
 from ptxseg.image_outputs import DICOM_SEG, MASKS, OVERLAYS, seg_path
 from ptxseg.kaggle import is_kaggle_csv
 
@@ -194,8 +193,8 @@ def previous_outputs(out: Path) -> Previous | None:
     if not os.path.lexists(path):
         return None
     try:
-        info = json.loads(read_text(path, "predict.json"))
-    except (DataError, ValueError):
+        info = read_json(path, "predict.json")
+    except DataError:
         return None
     if not isinstance(info, dict) or "ptxseg_version" not in info:
         return None

@@ -35,7 +35,7 @@ import numpy as np
 
 from ptxseg.choices import Choice
 from ptxseg.errors import DataError
-from ptxseg.fileio import read_text, write_text
+from ptxseg.fileio import read_json, write_text
 
 CONNECTIVITY = 8
 
@@ -231,11 +231,7 @@ def params_from_dict(obj: Any, source: str = "thresholds") -> PostParams:
 def load_params(path: str | Path) -> PostParams:
     """Read a ``thresholds.json`` written by ``ptxseg tune`` (or by hand)."""
     path = Path(path)
-    text = read_text(
+    obj = read_json(
         path, "thresholds file", missing="thresholds file not found (run `ptxseg tune RUN` first)"
     )
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(path, f"not valid JSON ({exc.msg}, line {exc.lineno})") from None
     return params_from_dict(obj, str(path))

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ptxseg.errors import DataError
 from ptxseg.figures import Overlay, grid_figure, pyplot
-from ptxseg.fileio import write_text
+from ptxseg.fileio import read_bytes, read_json, write_text
 
 if TYPE_CHECKING:
     from ptxseg.run import Run
@@ -112,7 +112,7 @@ def non_empty_columns(header: list[str], rows: list[list[Any]]) -> list[int]:
 
 def _data_uri_png(path_or_fig) -> str:
     if isinstance(path_or_fig, (str, Path)):
-        data = Path(path_or_fig).read_bytes()
+        data = read_bytes(path_or_fig, "figure", limit=None)
     else:
         import io
 
@@ -289,8 +289,8 @@ def write_report(
         )
     elif thresholds_path is not None and thresholds_path.exists():
         try:
-            thr_obj = json.loads(thresholds_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            thr_obj = read_json(thresholds_path, "thresholds file")
+        except DataError:
             thr_obj = {}
         parts.append(_thresholds_sentence(thresholds_path, thr_obj))
         notes = thr_obj.get("warnings") if isinstance(thr_obj, dict) else None

@@ -29,7 +29,7 @@ component removal) with one warning, the source recorded as ``"default"``.
 
 from __future__ import annotations
 
-import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,7 @@ from ptxseg.choices import Choice
 from ptxseg.config import Config, load_config
 from ptxseg.data.records import Record
 from ptxseg.errors import ConfigError, DataError, RunDirError
-from ptxseg.fileio import write_json
+from ptxseg.fileio import read_json, write_json
 from ptxseg.postprocess import (
     DEFAULT_PARAMS,
     DEFAULT_SOURCE,
@@ -160,8 +160,8 @@ class Run:
     def read_info(self) -> dict[str, Any]:
         """``data.json`` as a dict (empty when absent or unreadable: it is rewritten)."""
         try:
-            info = json.loads(self.data_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            info = read_json(self.data_path, "dataset record")
+        except DataError:
             return {}
         return info if isinstance(info, dict) else {}
 
@@ -175,12 +175,12 @@ class Run:
             RunDirError: a ``data.json`` that is not a readable JSON object.
         """
         path = self.data_path
-        if not path.exists():
+        if not os.path.lexists(path):
             return RecordedDataset()
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RunDirError(f"{path}: cannot read ({exc})") from None
+            obj = read_json(path, "dataset record")
+        except DataError as exc:
+            raise RunDirError(str(exc)) from None
         if not isinstance(obj, dict):
             raise RunDirError(f"{path}: cannot read (not a JSON object)")
         root = obj.get("root") or obj.get("path") or obj.get("data")

@@ -473,12 +473,7 @@ def tune_cv(
     by_id = {r.id: r for r in all_records}
     per_fold: list[GridStats] = []
     size, tta_used = None, str(tta)
-    for i, run in enumerate(runs):
-        if run.split() != manifest.split(i):  # before its model is loaded
-            raise RunDirError(
-                f"{run.split_path}: fold {i} validates on other images than its fold of "
-                f"{where}; was it trained for another CV folder?"
-            )
+    for i, run in enumerate(runs):  # each fold's split.csv checked by trained_folds
         missing = [ident for ident in manifest.val_ids(i) if ident not in by_id]
         if missing:
             raise RunDirError(

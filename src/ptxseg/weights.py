@@ -30,7 +30,9 @@ place for are skipped only when they are the network's head (the classifier ``_f
 ``classifier``, and ``_conv_head`` / ``_bn1`` / ``conv_head`` / ``bn2``, which smp's ``tu-*``
 encoders drop); any other difference refuses the file with a
 :class:`~ptxseg.errors.ConfigError` naming the file, the number of unmatched tensors on each
-side and the first few names. Nothing is loaded from a refused file.
+side and the first few names. A file holding a NaN or an infinity in any tensor is refused
+too, naming the tensor (:func:`nonfinite`): training from it could only give NaN. Nothing is
+loaded from a refused file; only a regular file is read (a folder or a FIFO is named so).
 
 :func:`load_encoder_file` returns a :class:`WeightsReport` (file, sha256, method, tensors
 loaded and skipped), whose :meth:`WeightsReport.summary` is the line ``ptxseg train`` prints
@@ -149,19 +151,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     a checkpoint's ``state_dict`` / ``model`` entry when the file wraps one).
 
     Raises:
-        ConfigError: missing file, unreadable file, or no tensors in it.
+        ConfigError: missing file, not a regular file (a folder, a FIFO...), unreadable file,
+            no tensors in it, or a tensor holding NaN or infinity.
     """
+    from ptxseg.errors import DataError
+    from ptxseg.fileio import open_regular
+
     path = Path(path)
     where = f"model.encoder_weights: {path}"
-    if not path.is_file():
-        raise ConfigError(f"{where}: file not found")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        fh = open_regular(path)
+    except DataError as exc:
+        raise ConfigError(f"{where}: {exc.problem}") from None
+    try:
+        with fh:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load
 
-            obj: Any = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+                obj: Any = load(fh.read())
+            else:
+                obj = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user problem
         raise ConfigError(f"{where}: not a readable weights file ({type(exc).__name__})") from None
     if isinstance(obj, dict):
@@ -174,7 +183,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     state = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not state:
         raise ConfigError(f"{where}: holds no tensors")
+    bad = nonfinite(state)
+    if bad is not None:
+        name, count = bad
+        raise ConfigError(
+            f"{where}: refusing to load: tensor '{name}' holds {count} non-finite value"
+            f"{'s' * (count != 1)} (NaN or inf: the file is corrupt or its training diverged)"
+        )
     return state
+
+
+def nonfinite(state: dict[str, Any]) -> tuple[str, int] | None:
+    """The first floating-point tensor of ``state`` that holds NaN or infinity, and how many
+    such values it holds; ``None`` when every value is finite."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                return key, int((~finite).sum())
+    return None
 
 
 def _canonical(name: str) -> str:

@@ -3,8 +3,10 @@ library's choices, and how library messages are shown (an error: one red line; a
 yellow line; a note: one plain line), never a traceback.
 
 Each choice (``--tta``, ``--layout``, ``--device`` ...) is the :class:`~ptxseg.choices.Choice`
-of the module that owns it, so ``--help`` lists its values and nothing else is accepted.
-Importing this module loads no torch: ``ptxseg --help`` stays fast.
+of the module that owns it, so ``--help`` lists its values and nothing else is accepted. Every
+other value is shown by a metavar (``--set KEY=VALUE``, ``--model MODEL``, ``RUN``), never by
+its Python type (:class:`Command`, :data:`METAVARS`). Importing this module loads no torch:
+``ptxseg --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import inspect
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin
 
+import click
 import typer
 from rich.console import Console
 from rich.text import Text
+from typer.core import TyperCommand
 
 from ptxseg.data.sources import Layout
 from ptxseg.errors import one_line
@@ -27,7 +31,84 @@ from ptxseg.hardware import CPU_BATCH, INFERENCE_BATCH, Device
 from ptxseg.predictor import Backend
 from ptxseg.tta import Tta
 
-app = typer.Typer(
+#: the metavar of each option or argument (by its name) that does not declare one; any other
+#: gets one from its type (:data:`TYPE_METAVARS`); a choice lists its values instead
+METAVARS = {
+    # arguments
+    "run": "RUN", "inputs": "INPUT", "name": "NAME|FILE", "data": "DATA", "out": "DIR",
+    # options
+    "--data": "DATA", "--out": "DIR", "--model": "MODEL", "--thresholds": "FILE",
+    "--rle": "CSV", "--split-file": "CSV", "--kaggle-csv": "CSV", "--id-map": "CSV",
+    "--config": "NAME|FILE", "--set": "KEY=VALUE", "--host": "HOST", "--port": "PORT",
+    "--folds": "K", "--fold": "I", "--size": "PX", "--image-size": "PX", "--seed": "INT",
+    "--positive-fraction": "FRACTION", "--batch-wait-ms": "MS", "--max-body-mb": "MB",
+}  # fmt: skip
+TYPE_METAVARS = {int: "N", float: "X", str: "TEXT", Path: "PATH"}
+
+
+def _metavar(param: click.Parameter) -> str | None:
+    """What ``param`` shows for its value in ``--help`` (None: a flag or a choice)."""
+    if getattr(param, "is_flag", False) or param.param_type_name not in ("option", "argument"):
+        return None
+    desc = getattr(param, "type_descriptor", None)
+    if desc is not None and desc.is_choice:
+        return None  # typer lists the values: <auto|png|siim>
+    names = [param.name or "", *param.opts] if param.param_type_name == "argument" else param.opts
+    for name in names:
+        if name in METAVARS:
+            return METAVARS[name]
+    annotation = getattr(desc, "annotation", None)
+    inner = get_args(annotation)[0] if get_origin(annotation) is list else annotation
+    return TYPE_METAVARS.get(inner, "VALUE")
+
+
+class Command(TyperCommand):
+    """A typer command whose help shows values by metavar (:func:`_metavar`) rather than by
+    Python type (``<list[Path]>``), and arguments as ``RUN INPUT...`` rather than
+    ``{run} {inputs}...``."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.metavar is None:
+                param.metavar = _metavar(param)
+
+    @staticmethod
+    def _argument(param: click.Parameter) -> str:
+        name = (param.metavar or param.name or "").upper()
+        name += "..." if param.nargs != 1 else ""
+        return name if param.required else f"[{name}]"
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        return pieces + [self._argument(p) for p in self.get_params(ctx)
+                         if p.param_type_name == "argument"]  # fmt: skip
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                args.append((self._argument(param).strip("[]"), record[1]))
+            elif param.param_type_name == "option":
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+class Typer(typer.Typer):
+    """``typer.Typer`` whose commands are :class:`Command`."""
+
+    def command(self, name: str | None = None, *, cls: type[TyperCommand] | None = None,
+                **kwargs: Any) -> Callable:  # fmt: skip
+        return super().command(name, cls=cls or Command, **kwargs)
+
+
+app = Typer(
     name="ptxseg",
     help="Pneumothorax segmentation on chest X-rays (U-Net + EfficientNet-B4).",
     no_args_is_help=True,

@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from ptxseg.cli.app import LayoutOption, RleOption, absolute, app, console, err_console
+from ptxseg.cli.app import (
+    LayoutOption,
+    RleOption,
+    Typer,
+    absolute,
+    app,
+    console,
+    err_console,
+)
 from ptxseg.data.sources import Layout
 from ptxseg.errors import one_line
 from ptxseg.run import CONFIG
@@ -135,7 +143,7 @@ def prepare_cmd(
     )
 
 
-config_app = typer.Typer(
+config_app = Typer(
     help="See a config: every key with its value and meaning.", no_args_is_help=True
 )
 app.add_typer(config_app, name="config")

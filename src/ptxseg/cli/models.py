@@ -257,7 +257,8 @@ def predict(
 def export(
     run: Annotated[Path, typer.Argument(help=f"Run folder ({BEST}).")],
     out: Annotated[
-        Path | None, typer.Option("--out", help=f"ONNX file (default: RUN/{ONNX}).")
+        Path | None,
+        typer.Option("--out", metavar="FILE", help=f"ONNX file (default: RUN/{ONNX})."),
     ] = None,
     tolerance: Annotated[
         float,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -39,6 +38,7 @@ import numpy as np
 
 from ptxseg import hardware
 from ptxseg.errors import ConfigError, DataError
+from ptxseg.fileio import read_json
 from ptxseg.run import Run, Thresholds
 from ptxseg.serve.batcher import MicroBatcher, QueueFull
 from ptxseg.tta import Tta
@@ -121,8 +121,8 @@ def tuned_tta(rule: Thresholds) -> Tta:
     if rule.path is None:
         return Tta.NONE
     try:
-        value = json.loads(rule.path.read_text(encoding="utf-8")).get("tta", Tta.NONE)
-    except (OSError, ValueError, AttributeError):
+        value = read_json(rule.path, "thresholds file").get("tta", Tta.NONE)
+    except (DataError, AttributeError):
         return Tta.NONE  # the rule itself was read: load_params raised on anything worse
     return Tta.parse(value, f"{rule.path}: 'tta'")
 
