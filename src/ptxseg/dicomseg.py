@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from ptxseg.data.imageio import named_warnings
 from ptxseg.errors import DataError
 
 SEGMENT_LABEL = "Pneumothorax"
@@ -194,7 +195,7 @@ def build_segmentation(source, mask: np.ndarray, algorithm: AlgorithmInfo | None
             display_color=hd.color.CIELabColor.from_rgb(*DISPLAY_RGB),
         )
         key = (algorithm.run, algorithm.checkpoint_sha256, version)
-        with warnings.catch_warnings():
+        with named_warnings(label):  # other warnings name the source; one at a time
             # highdicom checks the copied Patient's Name; SIIM's are single-component ids,
             # which it warns about: nothing the user of the SEG can act on
             warnings.filterwarnings("ignore", message=".*intended person name.*")
