@@ -55,7 +55,7 @@ def test_errors_name_the_upload_and_unsupported_is_its_own_kind(tmp_path, make_d
     assert str(exc.value) == "x.png: empty upload (no bytes)"
     with pytest.raises(DataError) as exc:
         read_image_bytes(b"not an image", "upload")
-    assert str(exc.value) == "upload: not a readable image (unknown or corrupt format)"
+    assert str(exc.value) == "upload: not a readable image (not PNG, JPEG, TIFF, BMP or DICOM)"
     assert not isinstance(exc.value, UnsupportedImage)
     nopix = make_dicom(tmp_path / "n.dcm", None, Rows=4, Columns=4).read_bytes()
     with pytest.raises(UnsupportedImage, match="^upload: DICOM file has no pixel data$"):

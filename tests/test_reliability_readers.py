@@ -44,7 +44,6 @@ ALLOWED = {
     ("checkpoint.py", "torch.load"): 1,  # the handle open_regular gave
     ("weights.py", "torch.load"): 1,  # the handle open_regular gave
     ("data/imageio.py", "Image.open"): 1,  # the handle open_regular gave
-    ("data/imageio.py", "pydicom.dcmread"): 2,  # the handle open_regular gave
     ("onnx_runtime.py", "ort.InferenceSession"): 1,  # bytes read by fileio.read_bytes
     ("export.py", "onnx.load"): 1,  # the export it just wrote into its own temporary folder
 }

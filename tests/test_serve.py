@@ -194,7 +194,7 @@ def bad_files(tmp_path, sample_dir, make_dicom):
 @pytest.mark.parametrize(
     ("kind", "status", "detail"),
     [
-        ("text", 400, "upload: not a readable image (unknown or corrupt format)"),
+        ("text", 400, "upload: not a readable image (not PNG, JPEG, TIFF, BMP or DICOM)"),
         ("empty", 400, "upload: empty upload (no bytes)"),
         ("truncated_png", 400, "upload: not a readable image (image file is truncated)"),
         ("no_pixels", 422, "upload: DICOM file has no pixel data"),
@@ -205,7 +205,8 @@ def bad_files(tmp_path, sample_dir, make_dicom):
                               "the field 'file'"),
         ("bad_multipart", 400, "multipart/form-data body without a boundary"),
         ("bad_format", 422, "query.format: Input should be 'json' or 'dicom-seg'"),
-        ("named_path", 400, "_etc_passwd: not a readable image (unknown or corrupt format)"),
+        ("named_path", 400, "_etc_passwd: not a readable image (not PNG, JPEG, TIFF, BMP or "
+                                "DICOM)"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_the_service_goes_on(client, bad_files, kind, status, detail):

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from ptxseg.data.imageio import named_warnings
 from ptxseg.dicom_attrs import clean_source, derived_series_number, invalid_uids
 from ptxseg.errors import DataError, one_line
 
@@ -202,7 +203,7 @@ def build_segmentation(source, mask: np.ndarray, algorithm: AlgorithmInfo | None
             display_color=hd.color.CIELabColor.from_rgb(*DISPLAY_RGB),
         )
         key = (algorithm.run, algorithm.checkpoint_sha256, version)
-        with warnings.catch_warnings():
+        with named_warnings(label):  # other warnings name the source; one at a time
             # highdicom checks the copied Patient's Name; SIIM's are single-component ids,
             # which it warns about: nothing the user of the SEG can act on
             warnings.filterwarnings("ignore", message=".*intended person name.*")

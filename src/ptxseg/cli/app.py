@@ -266,3 +266,6 @@ def _root(
     ] = False,
 ) -> None:
     """Pneumothorax segmentation on chest X-rays (U-Net + EfficientNet-B4)."""
+    from ptxseg.data.imageio import max_pixels
+
+    max_pixels()  # a bad PTXSEG_MAX_PIXELS is one error line before any work

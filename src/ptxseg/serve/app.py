@@ -10,10 +10,11 @@ Answers to failures (JSON ``{"detail": "<one line>"}``; the service keeps servin
 400    not an image, truncated or corrupt; a multipart body without a file; a bad
        ``Content-Length``
 413    a body over ``--max-body-mb`` (checked against ``Content-Length`` first, then counted
-       while reading: a large body is never held whole)
+       while reading: a large body is never held whole); an image whose header claims more
+       pixels than the limit (``PTXSEG_MAX_PIXELS``), refused before decoding
 415    ``format=dicom-seg`` for an upload that is not a DICOM
-422    an image that reads but cannot be used (a DICOM without pixel data or whose
-       compression no installed handler decodes, a header over the pixel limit, a DICOM SEG
+422    an image that reads but cannot be used (a DICOM without pixel data, of a SOP class that
+       is not a radiograph's, or whose compression no installed handler decodes; a DICOM SEG
        that cannot be made of it); a query parameter out of its choices
 500    anything unexpected (one line; the service goes on)
 503    the service holds ``--queue`` requests already: retry after ``Retry-After`` seconds
@@ -34,7 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from ptxseg.data.imageio import UnsupportedImage
+from ptxseg.data.imageio import TooManyPixels, UnsupportedImage
 from ptxseg.errors import PtxsegError, one_line
 from ptxseg.serve.page import docs_page, viewer_page
 from ptxseg.serve.service import (
@@ -104,10 +105,10 @@ class Prediction(BaseModel):
 
 ERRORS = {
     400: "not an image, truncated or corrupt; a multipart body without a file",
-    413: "request body over the limit (--max-body-mb)",
+    413: "request body over the limit (--max-body-mb), or an image over the pixel limit",
     415: "format=dicom-seg for an upload that is not a DICOM",
-    422: "an image that reads but cannot be used (e.g. a DICOM without pixel data or with a "
-    "compression no installed handler decodes); a bad query parameter",
+    422: "an image that reads but cannot be used (e.g. a DICOM without pixel data, a DICOM SEG "
+    "or SR, a compression no installed handler decodes); a bad query parameter",
     503: "busy: the queue is full; retry after Retry-After seconds",
 }
 BODY_DOC = {
@@ -174,7 +175,10 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(PtxsegError)
     async def _bad_image(request: Request, exc: PtxsegError):
-        return _error(422 if isinstance(exc, UnsupportedImage) else 400, str(exc))
+        status = 400
+        if isinstance(exc, UnsupportedImage):
+            status = 413 if isinstance(exc, TooManyPixels) else 422
+        return _error(status, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _bad_query(request: Request, exc: RequestValidationError):

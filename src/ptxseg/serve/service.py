@@ -367,6 +367,7 @@ class Service:
 
     def model_info(self) -> dict[str, Any]:
         from ptxseg import __version__
+        from ptxseg.data.imageio import max_pixels
 
         member = self.predictor.members[0]
         source = self.rule.source
@@ -385,6 +386,7 @@ class Service:
             "max_batch": self.max_batch,
             "queue": self.queue,
             "max_body_bytes": self.max_body,
+            "max_pixels": max_pixels(),
         }
 
     def health(self) -> dict[str, Any]:
