@@ -70,6 +70,10 @@ def test_a_host_header_outside_the_allow_list_is_refused(service):
     hosts = allowed_hosts("0.0.0.0", ["ptx.hospital.org", "*.example.org", "10.1.2.3"])
     assert hosts == ("127.0.0.1", "localhost", "[::1]", "ptx.hospital.org", "*.example.org",
                      "10.1.2.3")  # fmt: skip
+    # the address bound is allowed whatever it is; a wildcard bind adds none
+    assert allowed_hosts("127.0.0.5")[3:] == ("127.0.0.5",)
+    assert allowed_hosts("::")[3:] == () and allowed_hosts("::1")[3:] == ()
+    assert allowed_hosts("FE80::1")[3:] == ("[fe80::1]",)
     with uvicorn_server(create_app(service, Access(hosts=hosts))) as base:
         port = base.rsplit(":", 1)[1]
         for host, status in [("evil.example", 400), (f"evil.example:{port}", 400),

@@ -120,8 +120,7 @@ def allowed_hosts(host: str, extra: Iterable[str] = ()) -> tuple[str, ...]:
         ConfigError: a value that is no host name, address or pattern (a port, a path...).
     """
     names = list(LOOPBACK_NAMES)
-    candidates = [] if host in WILDCARD_BINDS or is_loopback(host) else [host]
-    for value in [*candidates, *extra]:
+    for value in [*([] if host in WILDCARD_BINDS else [host]), *extra]:
         name = _host_name(value)
         if name is None:
             raise ConfigError(
