@@ -112,8 +112,8 @@ def test_the_bind_beyond_loopback_needs_a_token(run_dir, tmp_path, capsys, monke
     good.write_text(TOKEN + "\n")
     assert main([*args, "--host", "0.0.0.0", "--token-file", str(good)]) == 0
     lines = capsys.readouterr().err.splitlines()
-    assert lines[1] == ("access: /v1/ needs the bearer token; Host names: 127.0.0.1, "
-                        "localhost, [::1]")  # fmt: skip
+    assert lines[1] == ("access: the bearer token is needed (all but /healthz and the pages); "
+                        "Host names: 127.0.0.1, localhost, [::1]")
     with TestClient(served[-1], base_url=LOCAL) as client:
         assert client.get("/v1/model").status_code == 401
         assert client.get("/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}).is_success

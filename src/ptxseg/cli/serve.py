@@ -136,7 +136,8 @@ def serve(
         soft_wrap=True,
     )
     if token is not None:
-        said = f"access: /v1/ needs the bearer token; Host names: {', '.join(rules.hosts)}"
+        said = ("access: the bearer token is needed (all but /healthz and the pages); Host "
+                f"names: {', '.join(rules.hosts)}")  # fmt: skip
     elif access.is_loopback(host):
         said = f"access: this machine only, no token; Host names: {', '.join(rules.hosts)}"
     else:
