@@ -19,6 +19,9 @@ from tests.conftest import reap, subprocess_env
 
 pytest.importorskip("fastapi", reason="ptxseg serve needs the serve extra")
 
+#: the base URL of FastAPI's TestClient in these tests: a Host name the service allows
+LOCAL = "http://127.0.0.1"
+
 
 def served_run(root: Path, *, removal_area: int = 100, tta: str | None = "hflip") -> Path:
     """A run folder (:func:`tests.conftest.make_run`, 64 px, random weights of seed 3) with a
@@ -36,10 +39,11 @@ def served_run(root: Path, *, removal_area: int = 100, tta: str | None = "hflip"
     return run
 
 
-def start(args: list[str], cwd: Path) -> tuple[subprocess.Popen, str]:
-    """``ptxseg serve ...`` in a child process; returns it and the URL its first line gives."""
+def start(args: list[str], cwd: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """``ptxseg serve ...`` in a child process (``env``: extra environment variables); returns
+    it and the URL its first line gives."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ptxseg", *args], cwd=cwd, env=subprocess_env(),
+        [sys.executable, "-m", "ptxseg", *args], cwd=cwd, env=subprocess_env(**env),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120

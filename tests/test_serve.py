@@ -23,7 +23,37 @@ from fastapi.testclient import TestClient  # noqa: E402
 from ptxseg.data.rle import decode  # noqa: E402
 from ptxseg.serve.app import create_app  # noqa: E402
 from ptxseg.serve.service import Limits, Service  # noqa: E402
-from tests.serve_util import HeldModel, served_run, uvicorn_server, wait_until  # noqa: E402
+from tests.serve_util import (  # noqa: E402
+    LOCAL,
+    HeldModel,
+    served_run,
+    uvicorn_server,
+    wait_until,
+)
+
+
+def visible_text(page: str) -> str:
+    """The text a person sees on an HTML page (outside script and style)."""
+    from html.parser import HTMLParser
+
+    class Text(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.parts, self.hidden = [], 0
+
+        def handle_starttag(self, tag, attrs):
+            self.hidden += tag in ("script", "style")
+
+        def handle_endtag(self, tag):
+            self.hidden -= tag in ("script", "style")
+
+        def handle_data(self, data):
+            if not self.hidden:
+                self.parts.append(data)
+
+    parser = Text()
+    parser.feed(page)
+    return "".join(parser.parts)
 
 
 def png_of(b64: str) -> np.ndarray:
@@ -65,7 +95,7 @@ def predicted(run_dir, images, tmp_path_factory) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def client(run_dir):
     service = Service.from_run(run_dir, device="cpu", limits=Limits(max_batch=1))
-    with TestClient(create_app(service)) as c:
+    with TestClient(create_app(service), base_url=LOCAL) as c:
         yield c
 
 
@@ -160,11 +190,21 @@ def test_model_health_and_docs(client, run_dir):
     assert model["max_body_bytes"] == 50_000_000
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["queue"] == 16
+    assert model["ensemble_size"] == 1 and model["members"] == ["run/best.ckpt"]
     docs = client.get("/docs")
     assert docs.status_code == 200 and "/v1/predict" in docs.text and "Prediction" in docs.text
-    assert "default-src 'none'" in docs.headers["content-security-policy"]
-    assert "<script" not in docs.text and "http://" not in docs.text.replace(
-        "http://127.0.0.1", "") and "https://" not in docs.text  # fmt: skip
+    policy = docs.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    # its only script is its own inline one (allowed by hash): nothing loads from elsewhere
+    assert "<script src" not in docs.text and docs.text.count("<script>") == 1
+    assert "http://" not in docs.text.replace("http://127.0.0.1", "") and "https://" not in \
+        docs.text  # fmt: skip
+    text = visible_text(docs.text)
+    assert "`" not in text  # markdown code spans are rendered, never shown as backticks
+    assert "POST /v1/predict" in text and "Try it" in text
+    for line in ("curl -s -F file=@xray.png http://127.0.0.1/v1/predict -o result.json",
+                 "curl -s http://127.0.0.1/v1/model", "curl -s http://127.0.0.1/healthz"):
+        assert line in text, line  # an example for each endpoint, at the service's address
     schema = client.get("/openapi.json").json()
     assert set(schema["paths"]) == {"/v1/predict", "/v1/model", "/healthz"}
     # no request can name a server path: the only parameters are these two
@@ -241,7 +281,7 @@ def test_a_body_over_the_limit_is_413(run_dir, sample_dir):
     service = Service.from_run(run_dir, device="cpu", limits=Limits(max_body_mb=0.4))
     png = sorted((sample_dir / "png_images").glob("*.png"))[0].read_bytes()
     assert len(png) > 400_000
-    with TestClient(create_app(service)) as c:
+    with TestClient(create_app(service), base_url=LOCAL) as c:
         r = c.post("/v1/predict", content=png)
         assert r.status_code == 413
         assert r.json()["detail"] == (
@@ -279,12 +319,12 @@ def test_413_is_sent_while_the_body_is_still_coming(run_dir):
     would never answer here)."""
     service = Service.from_run(run_dir, device="cpu", limits=Limits(max_body_mb=1))
     with uvicorn_server(create_app(service)) as base:
-        head = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        head = (b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
                 b"Content-Length: 60000000\r\n\r\n")  # fmt: skip
         answer = _raw_request(base, head)
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         assert b"60,000,000 bytes declared" in answer
-        head = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        head = (b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
         chunks = [b"f424\r\n" + b"x" * 62500 + b"\r\n"] * 16  # exactly the limit
         chunks.append(b"1\r\nx\r\n")  # one byte more, and no last chunk
@@ -292,7 +332,9 @@ def test_413_is_sent_while_the_body_is_still_coming(run_dir):
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         assert b"more than 1,000,000 bytes sent" in answer
         health = httpx.get(base + "/healthz", timeout=30).json()
-        assert health["in_flight"] == 0 and health["answered"] == 2
+        # refused while being received: neither took a queue place, neither holds anything
+        assert health["uploading"] == 0 and health["in_flight"] == 0
+        assert health["answered"] == 0
 
 
 def test_the_body_is_read_no_further_than_the_limit(run_dir):
@@ -313,7 +355,8 @@ def test_the_body_is_read_no_further_than_the_limit(run_dir):
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
              "method": "POST", "path": "/v1/predict", "raw_path": b"/v1/predict",
-             "query_string": b"", "headers": [(b"content-type", b"image/png")],
+             "query_string": b"", "headers": [(b"content-type", b"image/png"),
+                                                    (b"host", b"127.0.0.1")],
              "scheme": "http", "server": ("127.0.0.1", 1), "client": ("127.0.0.1", 2),
              "root_path": "", "app": app}  # fmt: skip
     asyncio.run(app(scope, receive, send))

@@ -1,5 +1,6 @@
 """The micro-batcher of ``ptxseg serve`` on its own: batch sizes, order, a bounded queue,
-failures confined to their batch, cancelled requests skipped, nothing left waiting on stop."""
+failures confined to their batch, cancelled requests skipped, nothing left waiting on stop or
+on a worker that died."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from concurrent.futures import CancelledError
 import numpy as np
 import pytest
 
-from ptxseg.serve.batcher import MicroBatcher, QueueFull
+from ptxseg.serve.batcher import MicroBatcher, QueueFull, WorkerDead
 
 
 class Model:
@@ -103,3 +104,29 @@ def test_cancelled_requests_are_skipped_and_stop_leaves_none_waiting():
         cancelled.result(0)
     with pytest.raises(RuntimeError, match="not running"):
         b.submit(image(4))
+
+
+def test_a_worker_that_dies_fails_every_request_and_refuses_new_ones():
+    """An error outside the model's call (the wait of an infinite batch window: the
+    OverflowError `--batch-wait-ms inf` caused) ends the worker: every request it held or
+    that waited fails at once with the reason, none is left waiting, later ones are refused."""
+    model = Model()
+    b = MicroBatcher(model, max_batch=4, max_wait_s=float("inf"), capacity=10)
+    b.start()
+    try:
+        outcomes = []
+        for v in (1, 2, 3):
+            try:
+                outcomes.append(b.submit(image(v)))
+            except WorkerDead as exc:  # the worker may have died before this one came
+                outcomes.append(exc)
+        for outcome in outcomes:
+            if not isinstance(outcome, WorkerDead):
+                with pytest.raises(WorkerDead, match=r"the model worker has stopped \(Overflow"):
+                    outcome.result(10)
+        assert not b.alive and b.failure.startswith("OverflowError: ")
+        with pytest.raises(WorkerDead, match="OverflowError"):
+            b.submit(image(4))
+        assert b.waiting == 0 and model.batches == []
+    finally:
+        b.stop()

@@ -25,7 +25,7 @@ from tests.decode_util import (  # noqa: E402
     png_bomb,
     postscript,
 )
-from tests.serve_util import served_run  # noqa: E402
+from tests.serve_util import LOCAL, served_run  # noqa: E402
 
 READS = "ptxseg reads PNG, JPEG, TIFF, BMP and DICOM"
 
@@ -34,7 +34,7 @@ READS = "ptxseg reads PNG, JPEG, TIFF, BMP and DICOM"
 def client(tmp_path_factory):
     run = served_run(tmp_path_factory.mktemp("serve-decode"))
     service = Service.from_run(run, device="cpu", limits=Limits(max_batch=1))
-    with TestClient(create_app(service)) as c:
+    with TestClient(create_app(service), base_url=LOCAL) as c:
         yield c
 
 

@@ -62,3 +62,8 @@ class CheckpointError(PtxsegError):
 
 class RunDirError(PtxsegError):
     """A run folder that is missing files, or already exists when it should not."""
+
+
+class ModelOutputError(PtxsegError):
+    """The model gave an output nothing can be made of (a NaN or infinite probability): a
+    fault of the model or the machine, not of the input (the service answers 500)."""

@@ -48,7 +48,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ptxseg.errors import PtxsegError
+from ptxseg.errors import ModelOutputError
 
 #: a side with at least this share of the area makes a bilateral ("both") finding
 BOTH_MIN_SHARE = 0.1
@@ -332,7 +332,7 @@ def measure(
     """
     geometry = geometry or Geometry()
     if max_prob is not None and not math.isfinite(max_prob):
-        raise PtxsegError(
+        raise ModelOutputError(
             f"the model's probabilities are not finite (max {max_prob}): no measures of them"
         )
     area = int(np.count_nonzero(mask))

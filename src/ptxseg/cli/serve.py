@@ -1,11 +1,14 @@
 """``ptxseg serve RUN``: the HTTP service and viewer of one run (:mod:`ptxseg.serve`).
 
-The model is loaded (and every option checked) before the port is opened; a missing
-``serve`` extra is one red line naming it.
+Every option is checked (numbers finite and in range, the token, the bind, the Host names) and
+the model loaded before the port is opened; a missing ``serve`` extra is one red line naming
+it. While it serves, the log is one line per record and per request, escaped
+(:mod:`ptxseg.serve.logs`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +23,7 @@ from ptxseg.cli.app import (
     fail,
     library_warnings,
 )
-from ptxseg.cli.models import RUN_HELP, ThresholdsOption
+from ptxseg.cli.models import MODEL_RUN_HELP, ModelsOption, ThresholdsOption
 from ptxseg.errors import printable
 from ptxseg.hardware import CPU_BATCH, INFERENCE_BATCH, Device
 from ptxseg.predictor import Backend
@@ -31,14 +34,34 @@ DEFAULT_PORT = 8000
 
 
 @app.command(help="Serve the run's model over HTTP: POST /v1/predict, a viewer page at /, the "
-                  "API reference at /docs (needs the serve extra).")  # fmt: skip
+                  "API reference at /docs (needs the serve extra). Beyond 127.0.0.1 it needs a "
+                  "token (--token-file or PTXSEG_SERVE_TOKEN).")  # fmt: skip
 def serve(
-    run: Annotated[Path, typer.Argument(help=RUN_HELP)],
+    run: Annotated[Path, typer.Argument(help=MODEL_RUN_HELP)],
     host: Annotated[
         str,
-        typer.Option("--host", help="Address to listen on (0.0.0.0: every interface)."),
-    ] = DEFAULT_HOST,
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = DEFAULT_PORT,
+        typer.Option("--host", help="Address to listen on (0.0.0.0: every interface; any "
+                     "address but loopback needs a token or --insecure)."),
+    ] = DEFAULT_HOST,  # fmt: skip
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free one).")] = DEFAULT_PORT,
+    token_file: Annotated[
+        Path | None,
+        typer.Option("--token-file", help="File holding the bearer token every request but "
+                     "/healthz and the pages must carry (one line, at least 16 characters); or "
+                     "set PTXSEG_SERVE_TOKEN.", show_default=False),
+    ] = None,  # fmt: skip
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", help="Serve beyond loopback without a token (anyone who "
+                     "reaches the port can use it)."),
+    ] = False,  # fmt: skip
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option("--allowed-host", help="A Host name clients use (besides 127.0.0.1, "
+                     "localhost, [::1] and the --host address): a name, an address, "
+                     "*.domain or *; repeat it. Other Host headers get 400 (DNS rebinding).",
+                     show_default=False),
+    ] = None,  # fmt: skip
     thresholds: ThresholdsOption = None,
     tta: Annotated[
         Tta | None,
@@ -48,28 +71,35 @@ def serve(
     ] = None,  # fmt: skip
     backend: BackendOption = Backend.TORCH,
     device: DeviceOption = Device.AUTO,
-    model_path: Annotated[
-        Path | None,
-        typer.Option("--model", help="Checkpoint (torch) or ONNX file (onnx) to use instead."),
-    ] = None,
+    model_path: ModelsOption = None,
     max_batch: Annotated[
         int | None,
-        typer.Option("--max-batch", min=1, help="Most images per forward pass (default: "
+        typer.Option("--max-batch", help="Most images per forward pass, 1-1024 (default: "
                      f"{INFERENCE_BATCH} GPU, {CPU_BATCH} CPU)."),
     ] = None,  # fmt: skip
     batch_wait_ms: Annotated[
         float,
-        typer.Option("--batch-wait-ms", min=0.0,
-                     help="How long a batch's first image waits for others."),
+        typer.Option("--batch-wait-ms", help="How long a batch's first image waits for others, "
+                     "0-10000 ms."),
     ] = 5.0,  # fmt: skip
     queue: Annotated[
         int | None,
-        typer.Option("--queue", min=1, help="Most requests in the service at once; one more "
-                     "gets 503 (default: max(16, 2 x --max-batch))."),
+        typer.Option("--queue", help="Most requests in the service at once, their bodies "
+                     "read; one more gets 503 (default: max(16, 2 x --max-batch))."),
     ] = None,  # fmt: skip
+    max_uploads: Annotated[
+        int | None,
+        typer.Option("--max-uploads", help="Most request bodies being received at once; one "
+                     "more gets 503 (default: 4 x --queue)."),
+    ] = None,  # fmt: skip
+    body_timeout_s: Annotated[
+        float,
+        typer.Option("--body-timeout-s", help="Time a request's body has to arrive whole, "
+                     "0.1-3600 s; later: 408 and the connection closed."),
+    ] = 60.0,  # fmt: skip
     max_body_mb: Annotated[
         float,
-        typer.Option("--max-body-mb", min=0.001, help="Largest request body, MB; larger: 413."),
+        typer.Option("--max-body-mb", help="Largest request body, 0.001-2000 MB; larger: 413."),
     ] = 50.0,
 ) -> None:
     from ptxseg.serve import EXTRA_HINT, missing_extra
@@ -79,11 +109,17 @@ def serve(
         fail(f"ptxseg serve needs the serve extra ({', '.join(missing)} missing): {EXTRA_HINT}")
     import uvicorn
 
+    from ptxseg.serve import access, logs
     from ptxseg.serve.app import create_app
-    from ptxseg.serve.service import Limits, Service
+    from ptxseg.serve.service import Limits, Service, check_range
 
+    check_range("--port", port, 0, 65535, "")
     limits = Limits(max_batch=max_batch, batch_wait_ms=batch_wait_ms, queue=queue,
-                    max_body_mb=max_body_mb)  # fmt: skip
+                    max_body_mb=max_body_mb, body_timeout_s=body_timeout_s,
+                    max_uploads=max_uploads)  # fmt: skip
+    token = access.load_token(token_file, os.environ)
+    access.check_bind(host, token, insecure)
+    rules = access.Access(token=token, hosts=access.allowed_hosts(host, allowed_host or ()))
     with library_warnings():
         service = Service.from_run(run, thresholds=thresholds, tta=tta, backend=backend,
                                    model=model_path, device=device, limits=limits)  # fmt: skip
@@ -93,16 +129,25 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     err_console.print(
         Text(
-            f"serving {printable(run)} ({info['architecture']}/{info['encoder']}, "
-            f"{info['input_size']} px, tta {info['tta']}, {info['device']}; rule "
-            f"{info['thresholds_rule']}) on http://{shown}:{port}/ (API: /docs; Ctrl+C stops)"
+            f"serving {printable(run)} ({service.describe()}, tta {info['tta']}, "
+            f"{info['device']}; rule {info['thresholds_rule']}) on http://{shown}:{port}/ "
+            "(API: /docs; Ctrl+C stops)"
         ),
         soft_wrap=True,
     )
-    config = uvicorn.Config(create_app(service), log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=10)  # fmt: skip
+    if token is not None:
+        said = ("access: the bearer token is needed (all but /healthz and the pages); Host "
+                f"names: {', '.join(rules.hosts)}")  # fmt: skip
+    elif access.is_loopback(host):
+        said = f"access: this machine only, no token; Host names: {', '.join(rules.hosts)}"
+    else:
+        said = (f"warning: --insecure: no token, anyone who reaches {shown}:{port} can use the "
+                f"service; Host names: {', '.join(rules.hosts)}")  # fmt: skip
+    err_console.print(Text(said), soft_wrap=True, highlight=False)
+    config = uvicorn.Config(create_app(service, rules), log_config=None, log_level="warning",
+                            access_log=False, timeout_graceful_shutdown=10)  # fmt: skip
     server = uvicorn.Server(config)
-    with sock:
+    with sock, logs.installed():
         try:
             server.run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn stops gracefully, then re-raises the Ctrl+C

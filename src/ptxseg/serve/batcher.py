@@ -7,12 +7,17 @@ one batch and hands each request its own probabilities. The queue in front of it
 (the service answers 503 with ``Retry-After``), so memory never grows with the load.
 
 A request whose client went away is cancelled: its image is skipped when its batch is formed.
-An exception of the model fails the requests of that batch only; the worker goes on.
+An exception of the model fails the requests of that batch only; the worker goes on. Should the
+worker itself stop (an error outside the model's call), it fails every request it holds or
+that waits, records why (:attr:`MicroBatcher.failure`), and :meth:`MicroBatcher.submit`
+refuses at once from then on (:class:`WorkerDead`): nothing is left waiting on a worker that is
+gone, and ``/healthz`` says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -23,10 +28,15 @@ from concurrent.futures import Future
 import numpy as np
 
 _STOP = object()
+log = logging.getLogger("ptxseg.serve")
 
 
 class QueueFull(Exception):
     """The batcher's queue holds ``capacity`` images already."""
+
+
+class WorkerDead(Exception):
+    """The worker thread that owns the model has stopped (the service cannot answer)."""
 
 
 class MicroBatcher:
@@ -58,6 +68,10 @@ class MicroBatcher:
         self.batch_sizes: Counter[int] = Counter()  # size -> batches run (for /healthz)
         self._queue: queue.Queue = queue.Queue(maxsize=capacity)
         self._thread: threading.Thread | None = None
+        self._held: list = []  # the jobs the worker has taken and not answered yet
+        self._dead_lock = threading.Lock()  # a job is queued or the worker is declared dead
+        #: why the worker stopped (``"OverflowError: ..."``), ``None`` while it runs
+        self.failure: str | None = None
 
     # -- the caller's side ---------------------------------------------------------------------
 
@@ -77,19 +91,28 @@ class MicroBatcher:
     def waiting(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def alive(self) -> bool:
+        """The worker runs (started, not stopped, not dead)."""
+        return self.failure is None and self._thread is not None and self._thread.is_alive()
+
     def submit(self, x: np.ndarray) -> Future:
         """Queue one image ``(1, S, S)`` uint8; its future gives its ``(S, S)`` probabilities.
 
         Raises:
             QueueFull: ``capacity`` images are waiting already.
+            WorkerDead: the worker has stopped on an error.
         """
         if self._thread is None:
             raise RuntimeError("the batcher is not running (start() first)")
         future: Future = Future()
-        try:
-            self._queue.put_nowait((x, future))
-        except queue.Full:
-            raise QueueFull(f"{self.capacity} images waiting for the model") from None
+        with self._dead_lock:
+            if self.failure is not None:
+                raise WorkerDead(f"the model worker has stopped ({self.failure})")
+            try:
+                self._queue.put_nowait((x, future))
+            except queue.Full:
+                raise QueueFull(f"{self.capacity} images waiting for the model") from None
         return future
 
     async def infer(self, x: np.ndarray) -> np.ndarray:
@@ -100,6 +123,7 @@ class MicroBatcher:
 
     def _gather(self, first) -> tuple[list, bool]:
         jobs, stopping = [first], False
+        self._held = jobs  # the same list: what is gathered is held
         deadline = time.monotonic() + self.max_wait_s
         while len(jobs) < self.max_batch:
             left = deadline - time.monotonic()
@@ -114,6 +138,31 @@ class MicroBatcher:
         return jobs, stopping
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - the worker is gone: said, never hidden
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        """Record why the worker stopped and fail every job it holds or that waits."""
+        from ptxseg.errors import one_line
+
+        with self._dead_lock:
+            self.failure = one_line(f"{type(exc).__name__}: {exc}")
+            dead = WorkerDead(f"the model worker has stopped ({self.failure})")
+            jobs = list(self._held)
+            while True:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+        log.error("the model worker has stopped: %s; every request now fails (restart the "
+                  "service)", self.failure, exc_info=exc)  # fmt: skip
+        for job in jobs:
+            if job is not _STOP:
+                _fail(job[1], dead)
+
+    def _serve(self) -> None:
         stopping = False
         while not stopping:
             first = self._queue.get()
@@ -133,6 +182,7 @@ class MicroBatcher:
             self.batch_sizes[len(jobs)] += 1
             for (_, future), p in zip(jobs, probs, strict=True):
                 future.set_result(p)
+            self._held = []
         while True:  # stopped: whatever is left is cancelled, never left waiting
             try:
                 job = self._queue.get_nowait()
@@ -140,3 +190,11 @@ class MicroBatcher:
                 return
             if job is not _STOP:
                 job[1].cancel()
+
+
+def _fail(future: Future, exc: BaseException) -> None:
+    """Fail a job's future whatever its state (a cancelled or answered one is left as is)."""
+    if future.done():
+        return
+    if future.running() or future.set_running_or_notify_cancel():
+        future.set_exception(exc)

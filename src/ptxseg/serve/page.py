@@ -3,14 +3,20 @@ is loaded from anywhere (a hospital network reaches no CDN), and the Content-Sec
 of each says so to the browser (:func:`csp`: the page's own inline script and style by hash,
 images from ``data:`` URLs, requests to the service itself only).
 
-- ``GET /`` (:func:`viewer_page`): drop or choose a radiograph (PNG, JPEG, DICOM); the page
-  posts it to ``/v1/predict`` and draws the reduced radiograph with the predicted region
-  tinted; a threshold slider redraws that region in the page from the returned reduced
-  probability map (no new request); links download the service's mask and overlay and the
-  view as drawn.
+- ``GET /`` (:func:`viewer_page`): the same page for every service (it asks ``/v1/model``
+  what it serves; with a token, it first asks the person for it, keeps it in the tab's
+  session storage and sends it in the ``Authorization`` header only, never in an address).
+  Drop or choose a radiograph (PNG, JPEG, DICOM); the page posts it to ``/v1/predict`` and
+  draws, at the image's size, the radiograph with the service's own mask tinted, pixel for
+  pixel: the picture is the finding. A threshold slider explores other thresholds in the page
+  from the returned reduced probability map (no new request), without the rule's removal of
+  small components, and the page labels that view as such; links download the service's mask
+  and overlay and the view as drawn.
 - ``GET /docs`` (:func:`docs_page`): the API reference, rendered on the server from the
-  OpenAPI schema (FastAPI's own Swagger UI loads its script from a CDN); the schema itself is
-  at ``/openapi.json``.
+  OpenAPI schema (markdown code spans as code; FastAPI's own Swagger UI loads its script from
+  a CDN), with each route's curl example (its ``x-codeSamples``) at the service's address and
+  a "try it" form that sends real requests from the page; the schema itself is at
+  ``/openapi.json``.
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ input[type=range] { width: 100%; }
                text-decoration: none; }
 .downloads a[aria-disabled="true"] { opacity: .4; pointer-events: none; }
 #overlay { width: 100%; height: auto; border-radius: 4px; }
+#login input { width: 100%; margin: 6px 0; padding: 6px; font: inherit; }
+.note.exploring { color: var(--accent); font-weight: 600; }
+button { font: inherit; padding: 4px 10px; border-radius: 6px; border: 1px solid var(--line);
+         background: var(--panel); color: inherit; cursor: pointer; }
 [hidden] { display: none !important; }
 """
 
@@ -62,11 +72,27 @@ SCRIPT = r"""
 "use strict";
 const $ = (id) => document.getElementById(id);
 const TINT = [213, 94, 0];  // Okabe-Ito vermillion, the overlays' prediction colour
-let result = null, preview = null, map = null, stem = "image";
+const AUTH = document.body.dataset.auth === "bearer";
+const TOKEN_KEY = "ptxseg-token";  // sessionStorage: this tab only, never in a URL
+let model = null, result = null, preview = null, map = null, mask = null, stem = "image";
+let ruleSlider = null;  // the slider's value at the rule's threshold (its step may round it)
 
 function setState(state, text) {
   document.body.dataset.state = state;
   $("status").textContent = text;
+}
+
+function authHeaders() {
+  const token = AUTH ? sessionStorage.getItem(TOKEN_KEY) : null;
+  return token ? {Authorization: "Bearer " + token} : {};
+}
+
+function askToken(text) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  $("login").hidden = false;
+  $("file").disabled = true;
+  setState("login", text);
+  $("token").focus();
 }
 
 function loadImage(b64) {
@@ -78,7 +104,7 @@ function loadImage(b64) {
   });
 }
 
-function mapValues(img) {
+function grayValues(img) {
   const c = document.createElement("canvas");
   c.width = img.naturalWidth; c.height = img.naturalHeight;
   const ctx = c.getContext("2d");
@@ -93,39 +119,68 @@ function ruleThreshold(rule) {
   return rule.mode === "triplet" ? rule.bottom_threshold : rule.binary_threshold;
 }
 
-function draw() {
-  if (!result) return;
-  const t = parseFloat($("threshold").value);
-  $("tvalue").textContent = t.toFixed(2);
-  const view = $("view"), ctx = view.getContext("2d");
-  view.width = preview.naturalWidth; view.height = preview.naturalHeight;
-  ctx.drawImage(preview, 0, 0);
-  const {width: w, height: h, values} = map;
-  const cut = Math.floor(t * 255 + 1e-6);  // value / 255 > t  <=>  value > floor(255 t)
+// the region where inside(x, y), tinted (its edge opaque), as a canvas of w x h
+function regionLayer(w, h, inside) {
   const layer = new ImageData(w, h);
-  let above = 0;
-  const inside = (x, y) => x >= 0 && y >= 0 && x < w && y < h && values[y * w + x] > cut;
+  let count = 0;
+  const at = (x, y) => x >= 0 && y >= 0 && x < w && y < h && inside(x, y);
   for (let y = 0; y < h; y++) {
     for (let x = 0; x < w; x++) {
       if (!inside(x, y)) continue;
-      above++;
-      const edge = !inside(x - 1, y) || !inside(x + 1, y) || !inside(x, y - 1) || !inside(x, y + 1);
+      count++;
+      const edge = !at(x - 1, y) || !at(x + 1, y) || !at(x, y - 1) || !at(x, y + 1);
       const o = 4 * (y * w + x);
       layer.data[o] = TINT[0]; layer.data[o + 1] = TINT[1]; layer.data[o + 2] = TINT[2];
       layer.data[o + 3] = edge ? 255 : 90;
     }
   }
-  const off = document.createElement("canvas");
-  off.width = w; off.height = h;
-  off.getContext("2d").putImageData(layer, 0, 0);
+  const c = document.createElement("canvas");
+  c.width = w; c.height = h;
+  c.getContext("2d").putImageData(layer, 0, 0);
+  return {canvas: c, count};
+}
+
+// At the rule's threshold the view is the service's own mask, pixel for pixel at the image's
+// size (what the finding, area and overlay say). At any other threshold it is the reduced
+// probability map above that threshold, without the rule's removal of small components, and
+// the page says so.
+function draw() {
+  if (!result) return;
+  const t = parseFloat($("threshold").value);
+  const rule = ruleThreshold(result.thresholds);
+  const service = $("threshold").value === ruleSlider;
+  $("tvalue").textContent = service ? `${rule} (the rule)` : t.toFixed(2);
+  const view = $("view"), ctx = view.getContext("2d");
+  view.width = result.width; view.height = result.height;
   ctx.imageSmoothingEnabled = true;
-  ctx.drawImage(off, 0, 0, view.width, view.height);
-  const share = 100 * above / (w * h);
-  $("above").textContent = above
-    ? `${share.toFixed(1)} % of the image above ${t.toFixed(2)}`
-    : `no pixel above ${t.toFixed(2)}`;
+  ctx.drawImage(preview, 0, 0, view.width, view.height);
+  let layer;
+  if (service) {
+    const v = mask.values;
+    layer = regionLayer(mask.width, mask.height, (x, y) => v[y * mask.width + x] > 127);
+  } else {
+    const cut = Math.floor(t * 255 + 1e-6);  // value / 255 > t  <=>  value > floor(255 t)
+    layer = regionLayer(map.width, map.height, (x, y) => map.values[y * map.width + x] > cut);
+  }
+  ctx.drawImage(layer.canvas, 0, 0, view.width, view.height);
+  const px = layer.count, all = (service ? mask.width * mask.height : map.width * map.height);
+  const share = (100 * px / all).toFixed(1);
+  if (service) {
+    $("above").textContent = `the service's mask: ${px.toLocaleString()} px (${share} %)`;
+    $("viewnote").textContent = "This view is the service's mask (the rule above, at the "
+      + "image's size): the finding, area and overlay are this region.";
+  } else {
+    $("above").textContent = px
+      ? `${share} % of the reduced map above ${t.toFixed(2)}`
+      : `no pixel of the reduced map above ${t.toFixed(2)}`;
+    $("viewnote").textContent = `Exploring: pixels above ${t.toFixed(2)} in the reduced `
+      + `probability map (${map.width} px), without the rule's removal of small components. `
+      + `Not the service's finding: back to ${rule} for it.`;
+  }
+  view.dataset.source = service ? "service-mask" : "probability-map";
   view.dataset.threshold = t.toFixed(2);
-  view.dataset.above = String(above);
+  view.dataset.above = String(px);
+  $("viewnote").className = "note" + (service ? "" : " exploring");
 }
 
 function row(dl, name, value) {
@@ -141,12 +196,12 @@ function showFindings(r, fileName) {
   const dl = $("facts");
   dl.replaceChildren();
   row(dl, "file", `${fileName} (${r.format}, ${r.width} x ${r.height} px)`);
-  row(dl, "max probability", r.max_prob.toFixed(3));
+  row(dl, "max probability", r.max_prob === null ? "not a number" : r.max_prob.toFixed(3));
   row(dl, "area", r.area_cm2 === null
       ? `${r.area_px.toLocaleString()} px (cm² unknown: ${r.area_note})`
       : `${r.area_cm2.toFixed(1)} cm² (${r.area_px.toLocaleString()} px; ${r.area_note})`);
   row(dl, "side", r.side + (r.side_basis ? ` (${r.side_basis})` : ""));
-  row(dl, "rule", $("rule").dataset.text);
+  row(dl, "rule", model.thresholds_rule);
   row(dl, "time", `${r.seconds.toFixed(2)} s in the service`);
 }
 
@@ -156,18 +211,55 @@ function link(id, href, name) {
   a.removeAttribute("aria-disabled");
 }
 
+function describe(m) {
+  const what = m.ensemble_size > 1
+    ? `a ${m.ensemble_size}-member ensemble (${m.combine}) of ${m.architecture}/${m.encoder}`
+    : `${m.architecture}/${m.encoder}`;
+  return `run ${m.run}: ${what}, ${m.input_size} px, tta ${m.tta}, ptxseg ${m.version}`;
+}
+
+async function loadModel() {
+  let r, body;
+  try {
+    r = await fetch("v1/model", {headers: authHeaders()});
+    body = await r.json();
+  } catch (e) {
+    setState("error", `no answer from the service (${e.message})`);
+    return;
+  }
+  if (r.status === 401) {
+    askToken(sessionStorage.getItem(TOKEN_KEY) ? "the token was refused: enter it again"
+                                                : "this service needs its token");
+    return;
+  }
+  if (!r.ok) {
+    setState("error", `${r.status}: ${body.detail}`);
+    return;
+  }
+  model = body;
+  $("model").textContent = describe(model);
+  $("rule").textContent = `Rule of the service: ${model.thresholds_rule}`;
+  $("login").hidden = true;
+  $("file").disabled = false;
+  setState("idle", "no image yet");
+}
+
 async function send(file) {
-  if (!file) return;
+  if (!file || !model) return;
   stem = (file.name || "image").replace(/\.[^.]*$/, "") || "image";
   setState("busy", `analysing ${file.name} (${(file.size / 1e6).toFixed(1)} MB) ...`);
   const form = new FormData();
   form.append("file", file, file.name || "upload");
   let r, body;
   try {
-    r = await fetch("v1/predict", {method: "POST", body: form});
+    r = await fetch("v1/predict", {method: "POST", body: form, headers: authHeaders()});
     body = await r.json();
   } catch (e) {
     setState("error", `no answer from the service (${e.message})`);
+    return;
+  }
+  if (r.status === 401) {
+    askToken("the token was refused: enter it again");
     return;
   }
   if (!r.ok) {
@@ -175,14 +267,18 @@ async function send(file) {
     return;
   }
   try {
-    [preview, map] = await Promise.all([loadImage(body.preview_png),
-                                        loadImage(body.probability_map.png).then(mapValues)]);
+    [preview, map, mask] = await Promise.all([
+      loadImage(body.preview_png),
+      loadImage(body.probability_map.png).then(grayValues),
+      loadImage(body.mask_png).then(grayValues),
+    ]);
   } catch (e) {
     setState("error", e.message);
     return;
   }
   result = body;
   $("threshold").value = ruleThreshold(body.thresholds);
+  ruleSlider = $("threshold").value;
   $("threshold").disabled = false;
   $("overlay").src = "data:image/png;base64," + body.overlay_png;
   link("dl-mask", "data:image/png;base64," + body.mask_png, `${stem}_mask.png`);
@@ -206,11 +302,27 @@ drop.addEventListener("drop", (e) => {
   if (e.dataTransfer.files.length) send(e.dataTransfer.files[0]);
 });
 $("threshold").addEventListener("input", draw);
+$("reset").addEventListener("click", () => {
+  if (!result) return;
+  $("threshold").value = ruleSlider;
+  draw();
+});
 $("dl-view").addEventListener("click", () => {
   const t = $("threshold").value;
   link("dl-view", $("view").toDataURL("image/png"), `${stem}_view_t${t}.png`);
 });
-setState("idle", "no image yet");
+$("login").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const token = $("token").value.trim();
+  $("token").value = "";
+  if (token) {
+    sessionStorage.setItem(TOKEN_KEY, token);
+    loadModel();
+  }
+});
+$("file").disabled = true;
+setState("idle", "connecting to the service ...");
+loadModel();
 """
 
 VIEWER = """<!doctype html>
@@ -221,15 +333,23 @@ VIEWER = """<!doctype html>
 <title>ptxseg: pneumothorax segmentation</title>
 <style>{style}</style>
 </head>
-<body data-state="idle">
+<body data-state="idle" data-auth="{auth}">
 <header>
 <h1>ptxseg: pneumothorax segmentation</h1>
-<p id="model">{model}</p>
-<p id="rule" data-text="{rule}">Rule of the service: {rule}</p>
+<p id="model"></p>
+<p id="rule"></p>
 <p>Research use only: not for diagnosis. Images are analysed in memory and not kept.</p>
 </header>
 <main>
 <section>
+<form id="login" class="panel" hidden>
+<label for="token">Token of this service</label>
+<input id="token" type="password" autocomplete="off" spellcheck="false">
+<button type="submit">Use</button>
+<p class="note">Ask whoever runs the service for it. It stays in this browser tab (session
+storage, gone when the tab closes) and is sent only in the Authorization header of this page's
+requests: never in an address or a log.</p>
+</form>
 <label id="drop" for="file">Drop a chest radiograph here (PNG, JPEG or DICOM), or choose one:
 <input id="file" type="file"
  accept=".png,.jpg,.jpeg,.dcm,.dicom,image/png,image/jpeg,application/dicom">
@@ -237,6 +357,7 @@ VIEWER = """<!doctype html>
 <p id="status" role="status" aria-live="polite"></p>
 <canvas id="view" width="512" height="512" hidden
  aria-label="radiograph with the predicted region"></canvas>
+<p id="viewnote" class="note" aria-live="polite"></p>
 </section>
 <aside id="results" hidden>
 <div class="panel">
@@ -247,9 +368,10 @@ VIEWER = """<!doctype html>
 <label class="slider" for="threshold">Threshold <output id="tvalue"></output></label>
 <input id="threshold" type="range" min="0" max="1" step="0.01" value="0.5" disabled>
 <p id="above" class="note"></p>
-<p class="note">The slider redraws the region from the reduced probability map in this page
-(pixels above the threshold). The service's mask, area and finding use the rule above at full
-size{removal}.</p>
+<button id="reset" type="button">back to the service's mask</button>
+<p class="note">At the rule's threshold the picture is the service's mask. Elsewhere the slider
+redraws the region in this page from the reduced probability map (pixels above the threshold),
+without the rule's removal of small components: an exploration, not the finding.</p>
 </div>
 <div class="panel downloads">
 <a id="dl-mask" aria-disabled="true">mask (PNG, full size)</a>
@@ -283,22 +405,10 @@ def csp(*, scripts: tuple[str, ...] = (), styles: tuple[str, ...] = ()) -> str:
     )
 
 
-def viewer_page(model: dict[str, Any]) -> tuple[str, str]:
-    """The viewer (``GET /``) for a model described by ``model`` (``/v1/model``), and its
-    Content-Security-Policy."""
-    rule = model["thresholds_rule"]
-    removal = ""
-    thresholds = model["thresholds"]
-    if thresholds.get("removal_area") or thresholds.get("min_area"):
-        removal = ", component areas included"
-    text = (
-        f"run {model['run']}: {model['architecture']}/{model['encoder']}, "
-        f"{model['input_size']} px, tta {model['tta']}, ptxseg {model['version']}"
-    )
-    page = VIEWER.format(
-        style=STYLE, script=SCRIPT, model=html.escape(text), rule=html.escape(rule),
-        removal=removal,
-    )  # fmt: skip
+def viewer_page(*, auth: bool = False) -> tuple[str, str]:
+    """The viewer (``GET /``) and its Content-Security-Policy. The page holds no model data:
+    it asks ``/v1/model`` (with the token the person types in, where ``auth``) and shows it."""
+    page = VIEWER.format(style=STYLE, script=SCRIPT, auth="bearer" if auth else "none")
     return page, csp(scripts=(SCRIPT,), styles=(STYLE,))
 
 
@@ -316,7 +426,74 @@ code, pre { font-family: ui-monospace, monospace; font-size: 13px; }
 pre { background: rgba(127, 127, 127, .12); padding: 8px; overflow-x: auto; }
 table { border-collapse: collapse; }
 td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
+#try { border: 2px solid #0072b2; border-radius: 8px; padding: 8px 14px; margin: 14px 0; }
+#try label { margin-right: 14px; }
+#try-out { max-height: 420px; white-space: pre-wrap; overflow-wrap: anywhere; }
 """
+
+DOCS_SCRIPT = r"""
+"use strict";
+const $ = (id) => document.getElementById(id);
+
+function authHeaders() {
+  const field = $("try-token");
+  const token = field ? field.value.trim() : "";
+  return token ? {Authorization: "Bearer " + token} : {};
+}
+
+// long base64 strings cut in the shown JSON (the answer itself is untouched)
+function shorten(key, value) {
+  return typeof value === "string" && value.length > 120
+    ? `${value.slice(0, 48)}... (${value.length.toLocaleString()} characters)` : value;
+}
+
+async function show(r) {
+  const type = r.headers.get("content-type") || "";
+  let text;
+  const link = $("try-download");
+  link.hidden = true;
+  if (type.startsWith("application/json")) {
+    text = JSON.stringify(await r.json(), shorten, 2);
+  } else {
+    const blob = await r.blob();
+    text = `${blob.size.toLocaleString()} bytes of ${type}`;
+    if (r.ok) {
+      link.href = URL.createObjectURL(blob);
+      link.hidden = false;
+    }
+  }
+  $("try-out").textContent = `HTTP ${r.status}\n${text}`;
+  document.body.dataset.tried = String(r.status);
+}
+
+async function call(method, path, body) {
+  $("try-out").textContent = `${method} ${path} ...`;
+  try {
+    await show(await fetch(path, {method, body, headers: authHeaders()}));
+  } catch (e) {
+    $("try-out").textContent = `no answer from the service (${e.message})`;
+  }
+}
+
+$("try-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const file = $("try-file").files[0];
+  if (!file) {
+    $("try-out").textContent = "choose an image first";
+    return;
+  }
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const query = new URLSearchParams({format: $("try-format").value,
+                                     images: String($("try-images").checked)});
+  call("POST", "v1/predict?" + query, form);
+});
+$("try-model").addEventListener("click", () => call("GET", "v1/model"));
+$("try-health").addEventListener("click", () => call("GET", "healthz"));
+"""
+
+#: the base URL the OpenAPI code samples are written with; the page shows the request's own
+EXAMPLE_BASE = "http://127.0.0.1:8000"
 
 
 def _schema_text(schema: dict[str, Any], components: dict[str, Any]) -> str:
@@ -330,29 +507,68 @@ def _schema_text(schema: dict[str, Any], components: dict[str, Any]) -> str:
     return str(schema.get("type", "object"))
 
 
+def _inline(text: str) -> str:
+    """Escaped ``text`` with its markdown ``code`` spans as ``<code>``: no backtick is shown."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def _markdown_code(text: str) -> str:
-    """Escaped ``text`` with ``code`` spans and blank-line paragraphs."""
-    out = html.escape(text)
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
-    return "".join(f"<p>{p}</p>" for p in out.split("\n\n") if p.strip())
+    """:func:`_inline` in paragraphs (blank lines)."""
+    return "".join(f"<p>{_inline(p)}</p>" for p in text.split("\n\n") if p.strip())
 
 
-def docs_page(openapi: dict[str, Any]) -> tuple[str, str]:
-    """The API reference page of an OpenAPI schema, and its Content-Security-Policy."""
+def _try_form(auth: bool) -> str:
+    """The "try it" form: an image to ``POST /v1/predict``, two buttons for the GETs."""
+    token = ('<p><label for="try-token">Token</label> <input id="try-token" type="password" '
+             'autocomplete="off" spellcheck="false"> (sent in the Authorization header only)'
+             "</p>") if auth else ""  # fmt: skip
+    return (
+        '<section id="try"><h2>Try it</h2>'
+        "<p>Sends real requests to this service from this page.</p>"
+        f'<form id="try-form">{token}<p><label>Image <input id="try-file" type="file" '
+        'accept=".png,.jpg,.jpeg,.dcm,.dicom"></label><label>format <select id="try-format">'
+        '<option>json</option><option>dicom-seg</option></select></label><label><input '
+        'id="try-images" type="checkbox"> images</label><button type="submit">POST '
+        "/v1/predict</button></p></form>"
+        '<p><button id="try-model" type="button">GET /v1/model</button> <button '
+        'id="try-health" type="button">GET /healthz</button> <a id="try-download" '
+        'download="seg.dcm" hidden>download the answer</a></p>'
+        '<pre id="try-out" aria-live="polite">(no request yet)</pre></section>'
+    )
+
+
+def docs_page(openapi: dict[str, Any], *, base_url: str = EXAMPLE_BASE + "/",
+              auth: bool = False) -> tuple[str, str]:  # fmt: skip
+    """The API reference page of an OpenAPI schema (its operations' ``x-codeSamples`` shown
+    with ``base_url``, the service's address as the browser reached it) with a "try it" form
+    (a token field where ``auth``), and its Content-Security-Policy."""
     components = openapi.get("components", {}).get("schemas", {})
     info = openapi.get("info", {})
+    base = base_url.rstrip("/")
     parts = [
         f"<h1>{html.escape(info.get('title', 'API'))} {html.escape(info.get('version', ''))}</h1>",
         _markdown_code(info.get("description", "")),
-        "<p>The machine-readable schema: <a href=\"openapi.json\">openapi.json</a>.</p>",
-    ]
+        "<p>The machine-readable schema: <a href=\"openapi.json\">openapi.json</a>. Contents: "
+        + ", ".join(f'<a href="#{html.escape(op.get("operationId", path))}">'
+                    f"{method.upper()} {html.escape(path)}</a>"
+                    for path, ops in openapi.get("paths", {}).items()
+                    for method, op in ops.items())
+        + ', <a href="#try">try it</a>.</p>',
+    ]  # fmt: skip
+    if auth:
+        parts.append(
+            "<p><b>Token.</b> This service needs <code>Authorization: Bearer &lt;token&gt;</code>"
+            " on every request but <code>/healthz</code> and these pages (401 without it). The "
+            "examples read it from the environment variable <code>PTXSEG_TOKEN</code>.</p>"
+        )
+    parts.append(_try_form(auth))
     for path, ops in openapi.get("paths", {}).items():
         for method, op in ops.items():
             parts.append('<div class="op">')
             parts.append(f'<h2 id="{html.escape(op.get("operationId", path))}"><span '
                          f'class="method">{method.upper()}</span> <code>{html.escape(path)}'
                          f'</code></h2>')  # fmt: skip
-            parts.append(f"<p><b>{html.escape(op.get('summary', ''))}</b></p>")
+            parts.append(f"<p><b>{_inline(op.get('summary', ''))}</b></p>")
             parts.append(_markdown_code(op.get("description", "")))
             params = op.get("parameters", [])
             if params:
@@ -361,7 +577,7 @@ def docs_page(openapi: dict[str, Any]) -> tuple[str, str]:
                     f"<td>{html.escape(p.get('in', ''))}</td>"
                     f"<td>{html.escape(_schema_text(p.get('schema', {}), components))}</td>"
                     f"<td>{html.escape(json.dumps(p.get('schema', {}).get('default')))}</td>"
-                    f"<td>{html.escape(p.get('description', ''))}</td></tr>"
+                    f"<td>{_inline(p.get('description', ''))}</td></tr>"
                     for p in params
                 )
                 parts.append("<table><tr><th>parameter</th><th>in</th><th>type</th>"
@@ -371,12 +587,16 @@ def docs_page(openapi: dict[str, Any]) -> tuple[str, str]:
                 kinds = ", ".join(f"<code>{html.escape(k)}</code>" for k in body)
                 parts.append(f"<p>Request body: {kinds}</p>")
             answers = "".join(
-                f"<tr><td>{html.escape(code)}</td><td>{html.escape(r.get('description', ''))}"
+                f"<tr><td>{html.escape(code)}</td><td>{_inline(r.get('description', ''))}"
                 f"</td><td>{', '.join(html.escape(k) for k in r.get('content', {}))}</td></tr>"
                 for code, r in op.get("responses", {}).items()
             )
             parts.append("<table><tr><th>status</th><th>meaning</th><th>content</th></tr>"
                          f"{answers}</table>")  # fmt: skip
+            samples = [x.get("source", "") for x in op.get("x-codeSamples", [])]
+            if samples:
+                text = "\n".join(samples).replace(EXAMPLE_BASE, base)
+                parts.append(f"<p>Example:</p><pre>{html.escape(text)}</pre>")
             parts.append("</div>")
     for name, schema in components.items():
         props = schema.get("properties", {})
@@ -385,17 +605,17 @@ def docs_page(openapi: dict[str, Any]) -> tuple[str, str]:
         rows = "".join(
             f"<tr><td><code>{html.escape(k)}</code></td>"
             f"<td>{html.escape(_schema_text(v, components))}</td>"
-            f"<td>{html.escape(v.get('description', ''))}</td></tr>"
+            f"<td>{_inline(v.get('description', ''))}</td></tr>"
             for k, v in props.items()
         )
         parts.append(f'<h2 id="{html.escape(name)}">{html.escape(name)}</h2>'
-                     f"<p>{html.escape(schema.get('description', ''))}</p>"
+                     f"<p>{_inline(schema.get('description', ''))}</p>"
                      f"<table><tr><th>field</th><th>type</th><th>meaning</th></tr>{rows}</table>")
     page = (
         '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(info.get('title', 'API'))}: API</title>\n"
         f"<style>{DOCS_STYLE}</style>\n</head>\n<body>\n"
         + "\n".join(parts)
-        + "\n</body>\n</html>\n"
+        + f"\n<script>{DOCS_SCRIPT}</script>\n</body>\n</html>\n"
     )
-    return page, csp(styles=(DOCS_STYLE,))
+    return page, csp(scripts=(DOCS_SCRIPT,), styles=(DOCS_STYLE,))
