@@ -189,7 +189,7 @@ def run_demo(
     )
     timings[name] = round(time.perf_counter() - t0, 2)
     result(
-        f"{plural(predicted.n_images - predicted.n_errors, 'image')} predicted, "
+        f"{plural(predicted.n_predicted, 'image')} predicted, "
         f"{predicted.n_positive} with pneumothorax -> {out / PREDICTIONS}/"
     )
     timings["total"] = round(sum(timings.values()), 2)

@@ -234,10 +234,10 @@ def predict(
             save_probs=save_probs, **model,
         )  # fmt: skip
     print_notes(summary.notes)
-    ok = summary.n_images - summary.n_errors
+    n = summary.n_predicted  # rows of results.csv with a mask
     console.print(
         Text(
-            f"{ok} image{'s' * (ok != 1)} predicted, {summary.n_positive} with pneumothorax "
+            f"{n} image{'s' * (n != 1)} predicted, {summary.n_positive} with pneumothorax "
             f"({summary.images_per_s:.1f} images/s); wrote {printable(out)}/ ({MASKS}/, "
             f"{f'{OVERLAYS}/, ' if overlays else ''}{f'{DICOM_SEG}/, ' if dicom_seg else ''}"
             f"{RESULTS_NAME})"
@@ -246,9 +246,13 @@ def predict(
         soft_wrap=True,
     )
     if summary.n_errors:
+        why = [f"{summary.n_unreadable} not predicted (unreadable)" if summary.n_unreadable
+               else "", f"{summary.n_seg_failed} predicted without a DICOM SEG"
+               if summary.n_seg_failed else ""]  # fmt: skip
         fail(
             f"{summary.n_errors} of {summary.n_images} file{'s' * (summary.n_images != 1)} "
-            f"failed (see the status column of {out / RESULTS_NAME})"
+            f"failed: {', '.join(w for w in why if w)}; see the status column of "
+            f"{out / RESULTS_NAME}"
         )
 
 
