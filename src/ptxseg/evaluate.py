@@ -26,8 +26,9 @@ Warnings are Python warnings (the CLI shows each as one yellow line).
 from __future__ import annotations
 
 import math
+import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,35 @@ REPORT_HTML = "report.html"
 OVERLAYS = "overlays"
 #: what an evaluation writes into its ``out`` (the report re-plots the training curves too)
 OUTPUTS = (METRICS_JSON, PER_IMAGE_CSV, CONFUSION_PNG, REPORT_HTML, OVERLAYS, TRAINING_CURVES_PNG)
+#: the overlay grids, ``overlays/<name>.png`` (:func:`select_cases`)
+CASES = ("best", "worst", "random")
+
+
+def output_files(out: Path) -> list[Path]:
+    """Every file an evaluation may write into ``out`` (:data:`OUTPUTS`, the overlay grids
+    one by one)."""
+    return [out / name for name in OUTPUTS if name != OVERLAYS] + [
+        out / OVERLAYS / f"{name}.png" for name in CASES
+    ]
+
+
+def older_evaluation(out: Path) -> set[Path] | None:
+    """The files of an evaluation by an older ptxseg, which wrote no record: its metrics.json
+    says what it is (``pooled``, ``compared_at``, ``thresholds_source``); else ``None``."""
+    import json
+
+    from ptxseg.errors import DataError
+    from ptxseg.fileio import read_text
+
+    try:
+        info = json.loads(read_text(out / METRICS_JSON, METRICS_JSON))
+    except (DataError, ValueError):
+        return None
+    if not isinstance(info, dict) or not {"pooled", "compared_at", "thresholds_source"} <= set(
+        info
+    ):
+        return None
+    return {p for p in output_files(out) if os.path.lexists(p)}
 
 
 class At(Choice):
@@ -226,8 +256,13 @@ def evaluate_run(
     backend: str = "torch",
     device: str = "auto",
     models: Sequence[str | Path] = (),
+    overwrite: bool = False,
+    announce: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run on a dataset and write every output (:data:`OUTPUTS`) into ``out``.
+    """Evaluate a run on a dataset and write every output (:data:`OUTPUTS`) into ``out``,
+    under the one output-folder rule (:class:`ptxseg.outputs.OutputFolder`: checked before the
+    model loads, locked, a previous evaluation's files replaced, anyone else's only with
+    ``overwrite``).
 
     Args:
         run: run folder (its checkpoint, or its ONNX export with ``backend="onnx"``; its
@@ -247,6 +282,9 @@ def evaluate_run(
         n_overlay: cases per overlay grid.
         progress: show a progress bar.
         rle: the run-length CSV of a siim folder (``--rle``).
+        overwrite: replace existing files in ``out`` that no previous evaluation wrote.
+        announce: called with the line that says what of a previous evaluation in ``out``
+            was replaced and removed.
 
     Returns:
         the content of ``metrics.json``.
@@ -256,7 +294,8 @@ def evaluate_run(
             images of the run's training split.
     """
     from ptxseg.cv import is_cv_dir
-    from ptxseg.predictor import Predictor
+    from ptxseg.output_folder import OutputFolder
+    from ptxseg.predictor import Predictor, member_sources
 
     out = Path(out)
     at, split = At.parse(at, "--at"), Split.parse(split, "--split")
@@ -267,11 +306,34 @@ def evaluate_run(
             "(its out-of-fold score: ptxseg tune CV); evaluate one fold (CV/fold-I) with "
             "--split val, or the ensemble on data no fold trained on"
         )
-    predictor = Predictor.from_run(
-        run, backend=backend, model=list(models) or None, device=device, tta=tta,
-        batch_size=batch_size,
-    )  # fmt: skip
     records, root, used_layout = run.records(data, layout, split, rle)
+    sources = member_sources(run, list(models) or None, backend)
+    read = [r.image for r in records] + [Path(thresholds) if thresholds else run.thresholds_path]
+    read += [r.mask if isinstance(r.mask, Path) else Path(r.mask.source) for r in records
+             if r.mask is not None]  # fmt: skip
+    read += [path for _, path in sources] + [r.config_path for r, _ in sources]
+    folder = OutputFolder(out, "evaluate", overwrite=overwrite, read_files=read,
+                          legacy=older_evaluation)  # fmt: skip
+    files = output_files(out)
+    folder.check(files)  # before the model loads
+    with folder.hold(files):
+        predictor = Predictor.from_run(
+            run, backend=backend, model=list(models) or None, device=device, tta=tta,
+            batch_size=batch_size,
+        )  # fmt: skip
+        metrics = _evaluate(predictor, run, records, root, used_layout, folder,
+                            thresholds=thresholds, at=at, split=split, n_overlay=n_overlay,
+                            progress=progress)  # fmt: skip
+        change = folder.finish()
+    if change is not None and announce is not None:
+        announce(change)
+    return metrics
+
+
+def _evaluate(predictor, run, records, root, used_layout, folder, *, thresholds, at, split,
+              n_overlay, progress) -> dict[str, Any]:
+    """:func:`evaluate_run` once ``folder`` is checked and held and the model loaded."""
+    out = folder.out
     rule = run.thresholds(thresholds, predictor.size)
     n_train_ids, splits = _train_ids(predictor, records)
     if split is Split.ALL and n_train_ids:
@@ -315,7 +377,7 @@ def evaluate_run(
         "checkpoint": predictor.members[0].path.name if len(predictor.members) == 1 else None,
         **predictor.record(),
     }
-    out.mkdir(parents=True, exist_ok=True)
+    folder.start(output_files(out))  # the previous evaluation's files go just before
     write_json(out / METRICS_JSON, metrics)
     write_text(out / PER_IMAGE_CSV, per_image_csv(stats, measures))
     _write_report(out, run, predictor, records, stats, geometries, metrics, rule, at, n_overlay)
@@ -364,9 +426,6 @@ def _write_report(out, run, predictor, records, stats, geometries, metrics, rule
         for name, idx in cases.items()
         if idx
     }
-    for name, idx in cases.items():  # no stale grid from an earlier evaluation into ``out``
-        if not idx:
-            (out / OVERLAYS / f"{name}.png").unlink(missing_ok=True)
     figures.write_confusion_matrix(out / CONFUSION_PNG, metrics["pooled"])
     report.write_report(
         out / REPORT_HTML,

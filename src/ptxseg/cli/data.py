@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from ptxseg.cli.app import LayoutOption, RleOption, absolute, app, console, err_console
+from ptxseg.cli.app import (
+    LayoutOption,
+    RleOption,
+    absolute,
+    app,
+    console,
+    err_console,
+    print_notes,
+)
 from ptxseg.data.sources import Layout
 from ptxseg.errors import one_line
 from ptxseg.run import CONFIG
@@ -16,7 +24,10 @@ from ptxseg.run import CONFIG
 
 @app.command("synth")
 def synth_cmd(
-    out: Annotated[Path, typer.Argument(help="Output folder (created; must be empty).")],
+    out: Annotated[
+        Path,
+        typer.Argument(help="Output folder (created; empty, or a previous synth's, replaced)."),
+    ],
     n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 200,
     size: Annotated[int, typer.Option("--size", min=32, max=4096, help="Image side.")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
@@ -25,7 +36,8 @@ def synth_cmd(
         typer.Option("--positive-fraction", min=0.0, max=1.0, help="Share with a lesion."),
     ] = 0.5,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Write into a non-empty folder.")
+        bool,
+        typer.Option("--overwrite", help="Write into a folder that holds other files too."),
     ] = False,
 ) -> None:
     """Write a synthetic chest X-ray dataset (png layout) with pneumothorax-like lesions."""
@@ -33,7 +45,7 @@ def synth_cmd(
 
     records = generate(
         out, n=n, size=size, seed=seed, positive_fraction=positive_fraction,
-        overwrite=overwrite, progress=True,
+        overwrite=overwrite, progress=True, announce=lambda line: print_notes([line]),
     )
     positives = sum(bool(r.has_pneumothorax) for r in records)
     console.print(

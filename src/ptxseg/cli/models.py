@@ -52,6 +52,13 @@ ModelsOption = Annotated[
         "probability, all of one input size). RUN then gives the thresholds.",
     ),
 ]
+OverwriteOption = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace existing output files that no previous run of this command wrote.",
+    ),
+]
 ThresholdsOption = Annotated[
     Path | None,
     typer.Option(
@@ -127,6 +134,7 @@ def evaluate(
         typer.Option("--split", help=f"all images, or only the run's val / train ids ({SPLIT})."),
     ] = Split.ALL,
     models: ModelsOption = None,
+    overwrite: OverwriteOption = False,
     model: dict | None = None,
 ) -> None:
     from ptxseg.evaluate import evaluate_run
@@ -134,7 +142,8 @@ def evaluate(
     with library_warnings():
         metrics = evaluate_run(
             run, data, out, thresholds=thresholds, at=at, layout=layout, rle=absolute(rle),
-            split=split, progress=True, models=models or [], **model,
+            split=split, progress=True, models=models or [], overwrite=overwrite,
+            announce=lambda line: print_notes([line]), **model,
         )  # fmt: skip
     console.print(metrics_table(metrics))
     console.print(Text(f"wrote {out}/ ({files_named(EVALUATE_OUTPUTS[:2])}, "
@@ -204,12 +213,7 @@ def predict(
             show_default=False,
         ),
     ] = None,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite", help="Replace existing output files that ptxseg did not write."
-        ),
-    ] = False,
+    overwrite: OverwriteOption = False,
     save_probs: Annotated[
         bool,
         typer.Option(
