@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ OVERLAYS = "overlays"
 OUTPUTS = (METRICS_JSON, PER_IMAGE_CSV, CONFUSION_PNG, REPORT_HTML, OVERLAYS, TRAINING_CURVES_PNG)
 #: the overlay grids, ``overlays/<name>.png`` (:func:`select_cases`)
 CASES = ("best", "worst", "random")
+#: ``CV/out_of_fold/``: the out-of-fold report ``ptxseg tune CV`` writes (these same files)
+OUT_OF_FOLD = "out_of_fold"
 
 
 def output_files(out: Path) -> list[Path]:
@@ -142,8 +145,9 @@ def iter_predictions(
     at = At.parse(at, "--at")
     size = predictor.size
     entries = [(r.id, r.image) for r in records]
-    with progress_bar(enabled=progress is not None, transient=True) as bar:
-        task = bar.add_task(progress or "", total=len(records))
+    with progress_bar(enabled=progress is not None, rate=True) as bar:  # as predict's
+        task = bar.add_task(progress or "", total=len(records), rate="")
+        t0, done = time.perf_counter(), 0
         for item, probs in predictor.file_probs(entries, keep_image=keep_image,
                                                 keep_header=geometry):
             record = records[item.index]
@@ -164,7 +168,9 @@ def iter_predictions(
                     gt = cv2.resize(gt, (size, size), interpolation=cv2.INTER_NEAREST)
             geo = read_geometry(item.path, item.header) if geometry else None
             yield Prediction(record, out, gt, max_prob, item.image, geo)
-            bar.advance(task)
+            done += 1
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=1, rate=f"{rate:.1f} img/s")
 
 
 def postprocess(pred: Prediction, params: PostParams) -> np.ndarray:
@@ -334,17 +340,16 @@ def _evaluate(predictor, run, records, root, used_layout, folder, *, thresholds,
               n_overlay, progress) -> dict[str, Any]:
     """:func:`evaluate_run` once ``folder`` is checked and held and the model loaded."""
     out = folder.out
+    from ptxseg.cv import is_cv_dir
+
     rule = run.thresholds(thresholds, predictor.size)
-    n_train_ids, splits = _train_ids(predictor, records)
-    if split is Split.ALL and n_train_ids:
-        warnings.warn(
-            f"{n_train_ids} of the {len(records)} images have the ids of {splits}: if they "
-            "are the same images, their metrics are "
-            "optimistic; evaluate with --split val for the validation images only, or on data "
-            "the model never saw",
-            UserWarning,
-            stacklevel=2,
-        )
+    n_train_ids, train_note = _train_ids(predictor, records,
+                                         cv=run.path if is_cv_dir(run.path) else None)
+    n_tuned_ids, tuned_note = _tuned_ids(rule, run, records)
+    optimistic = [note for n, note in ((n_train_ids if split is Split.ALL else 0, train_note),
+                                       (n_tuned_ids, tuned_note)) if n]  # fmt: skip
+    for note in optimistic:
+        warnings.warn(note, UserWarning, stacklevel=2)
     stats: list[ImageStats] = []
     measures: list[LesionMeasures] = []
     geometries: list[Geometry | None] = []
@@ -372,6 +377,8 @@ def _evaluate(predictor, run, records, root, used_layout, folder, *, thresholds,
         "tta": predictor.tta,
         "split": split,
         "n_train_ids": n_train_ids,
+        "n_tuned_ids": n_tuned_ids,
+        "optimistic": optimistic,
         "data": str(root),
         "layout": used_layout,
         "checkpoint": predictor.members[0].path.name if len(predictor.members) == 1 else None,
@@ -384,9 +391,12 @@ def _evaluate(predictor, run, records, root, used_layout, folder, *, thresholds,
     return metrics
 
 
-def _train_ids(predictor: Predictor, records: Sequence[Record]) -> tuple[int | None, str]:
+def _train_ids(predictor: Predictor, records: Sequence[Record],
+               cv: Path | None = None) -> tuple[int | None, str]:  # fmt: skip
     """How many of ``records`` are training images of a member's run (its ``split.csv``;
-    ``None`` when no member's run has one), and whose training images they are."""
+    ``None`` when no member's run has one), and the sentence that says so with the advice
+    that fits (``cv``: the model is this CV folder's folds, which ``--split`` does not apply
+    to)."""
     runs = {m.run.path: m.run for m in predictor.members
             if m.run is not None and m.run.split_path.is_file()}  # fmt: skip
     if not runs:
@@ -397,16 +407,81 @@ def _train_ids(predictor: Predictor, records: Sequence[Record]) -> tuple[int | N
     paths = [str(r.split_path) for r in runs.values()]
     if len(paths) == 1:
         shown = f"the run's training images ({paths[0]})"
+        advice = ("evaluate with --split val for the validation images only, or on data the "
+                  "model never saw")  # fmt: skip
     else:
         more = f" and {len(paths) - 2} more" if len(paths) > 2 else ""
-        shown = f"the members' training images ({', '.join(paths[:2])}{more})"
-    return sum(1 for r in records if r.id in train), shown
+        whose = "folds'" if cv is not None else "members'"
+        shown = f"the {whose} training images ({', '.join(paths[:2])}{more})"
+        advice = "evaluate the ensemble on data no member trained on"
+        if cv is not None:
+            advice = (
+                "each image of a CV folder's data trained all its folds but one (--split does "
+                "not apply): the score of images no fold trained on is the out-of-fold report "
+                f"of ptxseg tune {cv} ({cv / OUT_OF_FOLD / REPORT_HTML}); else evaluate on "
+                "data no fold trained on"
+            )
+    n = sum(1 for r in records if r.id in train)
+    return n, (f"{n} of the {len(records)} images have the ids of {shown}: if they are the "
+               f"same images, their metrics are optimistic; {advice}")  # fmt: skip
+
+
+def _tuned_ids(rule, run: Run, records: Sequence[Record]) -> tuple[int | None, str]:
+    """How many of ``records`` have the ids of the images the thresholds were tuned on (the
+    ``tuned_ids`` of the thresholds file; a tune's file without them: its run's validation
+    split, or all the images of a CV folder), ``None`` when unknown (the default rule, a
+    hand-written file), and the sentence that says so."""
+    import json
+
+    from ptxseg.cv import is_cv_dir, read_manifest
+    from ptxseg.fileio import read_text
+
+    if rule.path is None:
+        return None, ""
+    try:
+        obj = json.loads(read_text(rule.path, "thresholds file"))
+    except (PtxsegError, ValueError):
+        return None, ""
+    if not isinstance(obj, dict) or "objective" not in obj:
+        return None, ""
+    ids = obj.get("tuned_ids")
+    if isinstance(ids, list):
+        tuned = {i for i in ids if isinstance(i, str)}
+    elif Path(rule.path) == Path(run.thresholds_path) and is_cv_dir(run.path):
+        tuned = set(read_manifest(run.path).assignment)  # out of fold: every image of the CV
+    elif Path(rule.path) == Path(run.thresholds_path) and run.split_path.is_file():
+        tuned = {i for i, side in run.split().items() if side == "val"}
+    else:
+        return None, ""
+    n = sum(1 for r in records if r.id in tuned)
+    return n, (f"{n} of the {len(records)} images have the ids of the images the thresholds "
+               f"were tuned on ({rule.path}): if they are the same images, these scores are "
+               "optimistic (the post-processing was chosen on them); evaluate on images that "
+               "neither training nor tuning saw")  # fmt: skip
 
 
 def _write_report(out, run, predictor, records, stats, geometries, metrics, rule, at,
                   n_overlay) -> None:
     """Overlays of the best, worst and random cases (captions with cm² where the image's
     ``geometries`` have a pixel spacing), the confusion matrix and report.html."""
+
+    def again(indices: list[int]) -> Iterator[Prediction]:  # a few cases, predicted again
+        return iter_predictions(predictor, [records[i] for i in indices], at=at,
+                                keep_image=True)  # fmt: skip
+
+    runs = [m.run for m in predictor.members if m.run is not None] or [run]
+    write_outputs(out, run, again, stats, geometries, metrics, rule, n_overlay, runs)
+
+
+def write_outputs(out: Path, run: Run, again: Callable[[list[int]], Iterator[Prediction]],
+                  stats: Sequence[ImageStats], geometries: Sequence[Geometry | None],
+                  metrics: dict[str, Any], rule, n_overlay: int,
+                  curves_of: Sequence[Run]) -> None:  # fmt: skip
+    """The figures and report.html of an evaluation (``out``'s files but metrics.json and
+    per_image.csv): the best, worst and random cases (``again`` predicts the cases of the
+    given indices of ``stats`` again, with their images), the confusion matrix, the training
+    curves of ``curves_of`` (each member's run) and the page. Shared by evaluate and the
+    out-of-fold report of ``tune CV``."""
     from ptxseg import figures, report  # matplotlib: only once there is something to draw
 
     # the few selected cases are predicted again (cheap) instead of keeping every map
@@ -414,8 +489,7 @@ def _write_report(out, run, predictor, records, stats, geometries, metrics, rule
     wanted = sorted({i for idx in cases.values() for i in idx})
     panels: dict[int, figures.Panel] = {}
     if wanted:
-        again = iter_predictions(predictor, [records[i] for i in wanted], at=at, keep_image=True)
-        for k, pred in zip(wanted, again, strict=True):
+        for k, pred in zip(wanted, again(wanted), strict=True):
             mask = postprocess(pred, rule.params)
             panels[k] = figures.make_panel(pred.image, pred.gt, mask, stats[k], geometries[k])
     overlays = {
@@ -433,6 +507,6 @@ def _write_report(out, run, predictor, records, stats, geometries, metrics, rule
         run=run,
         thresholds_path=rule.path,
         confusion_png=out / CONFUSION_PNG,
-        curves_png=figures.training_curves(run, out),
+        curves_png=figures.training_curves(curves_of, out),
         overlays=overlays,
     )

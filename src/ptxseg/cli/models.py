@@ -36,7 +36,7 @@ from ptxseg.onnx_runtime import DEFAULT_TOLERANCE
 from ptxseg.overlays import OverlayStyle
 from ptxseg.postprocess import Mode
 from ptxseg.run import BEST, CONFIG, ONNX, SPLIT, THRESHOLDS, Split
-from ptxseg.tune import Objective
+from ptxseg.tune import Grid, Objective
 
 RUN_HELP = f"Run folder ({files_named((BEST, SPLIT, THRESHOLDS))}; {CONFIG} for older runs)."
 MODEL_RUN_HELP = (
@@ -70,8 +70,8 @@ ThresholdsOption = Annotated[
 
 
 @app.command(help=f"Choose the post-processing on the run's validation split (a CV folder: on "
-                  f"the out-of-fold predictions of its folds); writes RUN/"
-                  f"{THRESHOLDS}.")  # fmt: skip
+                  f"the out-of-fold predictions of its folds); writes RUN/{THRESHOLDS} (a CV "
+                  "folder: also its out-of-fold report, CV/out_of_fold/report.html).")  # fmt: skip
 @with_model_options
 def tune(
     run: Annotated[Path, typer.Argument(help=f"{RUN_HELP[:-1]}, or a CV folder ({MANIFEST}).")],
@@ -96,6 +96,23 @@ def tune(
             "area, bottom threshold (SIIM-ACR winners).",
         ),
     ] = Mode.PIXEL,
+    grid: Annotated[
+        Grid,
+        typer.Option(
+            "--grid",
+            help="default: thresholds 0.01-0.95, removal areas up to 4096 px of a 512 px input; "
+            "wide: thresholds 0.001-0.999, areas up to 16384 px (when the chosen rule is on "
+            "the default grid's edge).",
+        ),
+    ] = Grid.DEFAULT,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help=f"Replace a {THRESHOLDS} that no tune wrote (a hand-written rule), and files "
+            "of others in a CV folder's out_of_fold/.",
+        ),
+    ] = False,
     model: dict | None = None,
 ) -> None:
     from ptxseg.cv import is_cv_dir
@@ -104,12 +121,17 @@ def tune(
     with library_warnings():
         path, result = (tune_cv if is_cv_dir(run) else tune_run)(
             run, data, layout=layout, rle=absolute(rle), objective=objective, mode=mode,
-            progress=True, **model,
+            progress=True, grid=grid, overwrite=overwrite,
+            announce=lambda line: print_notes([line]), **model,
         )  # fmt: skip
+    if result.evaluation is not None:  # a CV folder: its out-of-fold evaluation
+        console.print(metrics_table(result.evaluation))
     console.print(
         Text(f"{result.params.describe()}: {result.objective} = {result.score:.4f}", style="bold")
     )
-    console.print(Text(f"wrote {path}"))
+    console.print(Text(f"wrote {path}" + (f" and the out-of-fold report {result.report}"
+                                          if result.report is not None else "")),
+                  soft_wrap=True)  # fmt: skip
 
 
 @app.command(help=f"Evaluate a run: {files_named(EVALUATE_OUTPUTS[:4])}, overlays.")
