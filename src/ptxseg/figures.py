@@ -17,7 +17,7 @@ import numpy as np
 
 from ptxseg.fileio import save_figure
 from ptxseg.metrics import ImageStats
-from ptxseg.overlays import draw_overlay
+from ptxseg.overlays import RESEARCH_USE, draw_overlay
 
 if TYPE_CHECKING:
     from ptxseg.run import Run
@@ -68,7 +68,7 @@ def make_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, stats: Image
 
     caption = caption_for(measure(pred, geometry, max_prob=stats.max_prob))
     rgb = draw_overlay(image, pred, gt, style="fill", caption=caption, max_side=PANEL_SIZE,
-                       min_side=PANEL_SIZE, legend=False)
+                       min_side=PANEL_SIZE, legend=False, notice=False)  # the title says it
     name = stats.id if len(stats.id) <= 32 else stats.id[:29] + "..."
     return Panel(rgb, f"{name}\nDice {stats.dice:.3f}, truth {stats.true_area:,} px")
 
@@ -89,7 +89,7 @@ def overlay_figure(panels: list[Panel], name: str):
     for ax, panel in zip(axes.ravel(), panels, strict=False):
         ax.imshow(panel.rgb)
         ax.set_title(panel.title, fontsize=8, parse_math=False)
-    fig.suptitle(f"{name} cases: {LEGEND}", fontsize=10)
+    fig.suptitle(f"{name} cases: {LEGEND}\n{RESEARCH_USE}", fontsize=10)
     return fig
 
 
