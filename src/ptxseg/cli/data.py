@@ -99,7 +99,8 @@ def inspect_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     rle: RleOption = None,
 ) -> None:
-    """Count images, labels, sizes and lesion areas; list every problem (exit 2 if any)."""
+    """Count images, labels, sizes and lesion areas (images without labels too); list every
+    problem (exit 2 if any) and what else the folder holds."""
     import json
 
     from ptxseg.data.inspect import inspect_dataset
@@ -118,6 +119,7 @@ def inspect_cmd(
                 rle=absolute(rle),
             )
         _print_inspect(report)
+        print_notes(report.notes)
     if report.problems:
         raise typer.Exit(2)
 
