@@ -182,3 +182,30 @@ def test_synth_refuses_a_folder_with_other_files(tmp_path, capsys):
     assert _files(out) == {"png_images/mine.png"}
     assert _cli(capsys, "synth", out, "--n", "2", "--size", "32", "--overwrite")[0] == 0
     assert (out / "png_images" / "mine.png").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------- prepare
+
+
+def test_prepare_removes_its_own_leftover_but_never_a_folder_of_others(synth_data, tmp_path,
+                                                                        capsys):
+    """prepare builds its copy in .OUT.partial; an interrupted run's leftover is removed by
+    the next, a folder of that name that prepare did not make is not."""
+    out = tmp_path / "prep"
+    theirs = tmp_path / ".prep.partial"
+    theirs.mkdir()
+    (theirs / "mine.txt").write_text("mine")
+    code, _, err = _cli(capsys, "prepare", synth_data, out, "--size", "32")
+    assert code == 2 and err.strip() == (
+        f"error: {theirs}: exists and is not a partial copy left by ptxseg prepare; remove it "
+        "or choose another output folder"
+    )
+    assert (theirs / "mine.txt").read_text() == "mine" and not out.exists()
+    (theirs / "mine.txt").unlink()
+    (theirs / ".ptxseg-prepare-partial").write_text("x")  # an interrupted prepare's
+    (theirs / "png_images").mkdir()
+    (theirs / "png_images" / "half.png").write_text("x")
+    assert _cli(capsys, "prepare", synth_data, out, "--size", "32")[0] == 0
+    assert not theirs.exists() and not (out / ".ptxseg-prepare-partial").exists()
+    assert len(list((out / "png_images").iterdir())) == len(
+        list((synth_data / "png_images").iterdir()))
