@@ -297,7 +297,7 @@ def write_report(
     else:
         from ptxseg.cv import is_cv_dir
 
-        where = (f"{e(str(run.path))}/fold-*/metrics.csv" if is_cv_dir(run.path)
+        where = (f"{e(str(run.path))}/fold-*/{e(run.metrics_path.name)}" if is_cv_dir(run.path)
                  else e(str(run.metrics_path)))  # fmt: skip
         parts.append(f"<p class='muted'>No training curves (no usable {where}).</p>")
 
