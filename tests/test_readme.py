@@ -251,6 +251,7 @@ def test_make_says_what_it_installs_and_shows_pips_progress(tmp_path):
     """``make demo`` on a fresh machine installs for minutes: make says so before pip starts,
     and pip runs without -q and with its progress bar. Run for real against a stand-in
     interpreter that records the arguments pip was given and prints like pip."""
+    import os
     import shutil
 
     if shutil.which("make") is None:
@@ -260,8 +261,11 @@ def test_make_says_what_it_installs_and_shows_pips_progress(tmp_path):
     fake = venv / "bin" / "python"
     fake.write_text('#!/bin/sh\necho "PIP-ARGS: $*"\necho "Collecting torch"\n')
     fake.chmod(0o755)
-    out = subprocess.run(["make", "install", f"VENV={venv}"], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout.splitlines()  # fmt: skip
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # also under `make test`
+    out = subprocess.run(["make", "--no-print-directory", "install", f"VENV={venv}"], cwd=REPO,
+                         capture_output=True, text=True, check=True,
+                         env=env).stdout.splitlines()  # fmt: skip
     said = next(i for i, line in enumerate(out) if line.startswith("make: installing ptxseg"))
     pip = [i for i, line in enumerate(out) if line.startswith("PIP-ARGS: ")]
     assert pip and said < pip[0]

@@ -37,7 +37,7 @@ from ptxseg.data.imageio import load_pair
 from ptxseg.data.records import Record, require_ground_truth
 from ptxseg.data.resize import resize_mask, resize_to
 from ptxseg.errors import DataError
-from ptxseg.fileio import write_csv, write_png
+from ptxseg.fileio import write_csv, write_png, write_text
 from ptxseg.progress import progress_bar
 
 #: the file that marks ``.OUT.partial`` as prepare's own unfinished copy
@@ -115,7 +115,7 @@ def prepare(
         shutil.rmtree(tmp)
     (tmp / "png_images").mkdir(parents=True)
     (tmp / "png_masks").mkdir(parents=True)
-    (tmp / PARTIAL_MARK).write_text("ptxseg prepare: a copy being written\n", encoding="utf-8")
+    write_text(tmp / PARTIAL_MARK, "ptxseg prepare: a copy being written\n")
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
