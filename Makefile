@@ -15,11 +15,18 @@ install: $(STAMP)
 # builds (https://download.pytorch.org/whl/cpu: ~1 GB instead of ~5 GB of CUDA libraries).
 TORCH_INDEX ?=
 
+# pip shows its own progress (each package collected, a bar per download on a terminal): the
+# first install takes minutes and should not look like a hang.
+PIP := $(BIN)/python -m pip install --disable-pip-version-check --progress-bar on
 $(STAMP): pyproject.toml
+	@test -x $(BIN)/python || echo "make: creating the virtual environment $(VENV)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --disable-pip-version-check -q torch torchvision --index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	@echo "make: installing ptxseg and its dependencies into $(VENV) (PyTorch included:" \
+	  "3-5 minutes and up to a few GB of downloads on a fresh machine; pip's progress follows)"
+	$(if $(TORCH_INDEX),$(PIP) torch torchvision --index-url $(TORCH_INDEX))
+	$(PIP) -e ".[dev]"
 	touch $(STAMP)
+	@echo "make: installed; $(VENV)/bin/ptxseg is ready"
 
 demo: $(STAMP)
 	$(BIN)/ptxseg demo --out demo

@@ -15,7 +15,7 @@ from ptxseg.config import BUILTIN_DIR, describe_keys, load_config
 CHOICES = {  # command: {option: the values --help must list}
     "tune": {"--objective": "iou|kaggle", "--mode": "pixel|triplet", "--tta": "none|hflip",
              "--layout": "auto|png|siim|ptx498|csv", "--backend": "torch|onnx",
-             "--device": "auto|cpu|cuda|mps"},
+             "--device": "auto|cpu|cuda|mps", "--grid": "default|wide"},
     "evaluate": {"--at": "native|model", "--split": "all|val|train", "--tta": "none|hflip",
                  "--backend": "torch|onnx", "--device": "auto|cpu|cuda|mps"},
     "predict": {"--backend": "torch|onnx", "--device": "auto|cpu|cuda|mps", "--tta": "none|hflip",
@@ -50,11 +50,11 @@ def test_choices_come_from_the_modules_that_own_them():
     from ptxseg.predictor import Backend
     from ptxseg.run import Split
     from ptxseg.tta import Tta
-    from ptxseg.tune import Objective
+    from ptxseg.tune import Grid, Objective
 
     owners = {"layout": Layout, "at": At, "device": Device, "mode": Mode, "backend": Backend,
               "split": Split, "tta": Tta, "objective": Objective,
-              "overlay_style": OverlayStyle}  # fmt: skip
+              "overlay_style": OverlayStyle, "grid": Grid}  # fmt: skip
     seen = set()
     for command in app.registered_commands:
         hints = typing.get_type_hints(command.callback, include_extras=True)

@@ -292,7 +292,7 @@ def test_evaluate_a_cv_folder(cv, tmp_path, synth_data, capsys):
     _, err = _run(capsys, "evaluate", cv["root"], "--data", synth_data, "--out", out, "--at",
                   "model", "--device", "cpu")  # fmt: skip
     assert f"{len(cv['records'])} of the {len(cv['records'])} images have the ids of the " \
-           "members' training images" in err
+           "folds' training images" in err
     m = json.loads((out / "metrics.json").read_text())
     assert m["members"] == [str(cv["root"] / f"fold-{i}" / "best.ckpt") for i in range(K)]
     assert m["combine"] == "mean probability" and m["checkpoint"] is None
@@ -310,3 +310,58 @@ def test_evaluate_a_cv_folder(cv, tmp_path, synth_data, capsys):
     code = main(["evaluate", str(cv["root"]), "--data", str(synth_data), "--out",
                  str(tmp_path / "v"), "--split", "val"])  # fmt: skip
     assert code == 2 and "--split val of a CV folder" in capsys.readouterr().err
+
+
+METRICS_CSV = "epoch,train_loss,val_loss,val_iou,val_dice,lr,time_s\n" + "".join(
+    f"{e},{1 - 0.1 * e},{1.1 - 0.1 * e},{0.1 * e},{0.12 * e},0.001,1\n" for e in range(1, 4))
+
+
+def test_tune_cv_writes_an_out_of_fold_report_and_evaluate_cv_gives_true_advice(
+        cv, tmp_path, synth_data, capsys):
+    """Issue 26, item 25. tune CV: the out-of-fold report (each image scored by the fold that
+    validated on it, counts against a hand computation; grid heatmap, curves of every fold,
+    'optimistic' for the post-processing tuned on these images) and its metrics table on the
+    terminal. evaluate CV: advice a CV folder accepts (no --split val), no CV/split.csv, the
+    folds' curves, the ensemble named."""
+    import shutil
+
+    from tests.conftest import parse_html_report
+
+    root = tmp_path / "cv"
+    shutil.copytree(cv["root"], root, ignore=shutil.ignore_patterns("thresholds.json"))
+    for i in range(K):
+        (root / f"fold-{i}" / "metrics.csv").write_text(METRICS_CSV)
+    out, err = _run(capsys, "tune", root, "--device", "cpu")
+    oof = root / "out_of_fold"
+    assert "kaggle_dice" in out and f"the out-of-fold report {oof / 'report.html'}" in out
+    m = json.loads((oof / "metrics.json").read_text())
+    params = load_params(root / "thresholds.json")
+    tp = fp = fn = 0
+    for i, model in enumerate(cv["models"]):
+        for r in (r for r in cv["records"] if cv["folds"][r.id] == i):
+            pred = binarize(_probs(model, _gray(r.image)), params) > 0
+            gt = cv2.resize(_gray(r.mask), (SIZE, SIZE), interpolation=cv2.INTER_NEAREST) > 0
+            tp, fp, fn = tp + int(np.sum(pred & gt)), fp + int(np.sum(pred & ~gt)), fn + int(
+                np.sum(~pred & gt))
+    assert (m["pooled"]["tp"], m["pooled"]["fp"], m["pooled"]["fn"]) == (tp, fp, fn)
+    n = len(cv["records"])
+    assert m["split"] == "out-of-fold" and m["n_tuned_ids"] == n and len(m["optimistic"]) == 1
+    page = parse_html_report(oof / "report.html")
+    assert f"ptxseg out-of-fold evaluation of {root}" in page["text"]
+    assert f"Model: the {K} folds of {root} out of fold" in page["text"]
+    assert "Optimistic scores: " in page["text"] and "No training curves" not in page["text"]
+    # confusion matrix, curves, grid heatmap, and the overlay grids
+    assert len(page["imgs"]) == 3 + len(list((oof / "overlays").iterdir()))
+    curves = cv2.imdecode(np.frombuffer(page["imgs"][1], np.uint8), cv2.IMREAD_COLOR)
+    assert curves.shape[1] > 800  # the folds' curves figure (10 in wide at 100 dpi)
+
+    ev = tmp_path / "ev"
+    _, err = _run(capsys, "evaluate", root, "--data", synth_data, "--out", ev, "--device", "cpu")
+    warned = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 2 and all("--split val" not in line for line in warned)
+    assert f"ptxseg tune {root} ({oof / 'report.html'})" in warned[0]
+    assert "the images the thresholds were tuned on" in warned[1]
+    text = parse_html_report(ev / "report.html")["text"]
+    assert str(root / "split.csv") not in text and "No training curves" not in text
+    assert f"an ensemble of the {K} folds of the CV folder {root}" in text
+    assert (ev / "training_curves.png").is_file()

@@ -91,5 +91,69 @@ def test_synth_then_inspect_via_cli(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert (data["images"], data["positive"], data["negative"]) == (6, 3, 3)
     assert data["layout_detected"] is False and data["problems"] == []
-    assert main(["synth", str(tmp_path / "s"), "--n", "2"]) == 2  # not empty: refused
-    assert "not empty" in capsys.readouterr().err
+    # a previous synth's folder: replaced, none of its images left (tests/test_output_folders)
+    assert main(["synth", str(tmp_path / "s"), "--n", "2", "--size", "64"]) == 0
+    assert len(list((tmp_path / "s" / "png_images").iterdir())) == 2
+
+
+# ---------------------------------------------------------------------- issue 26, item 27
+
+
+def test_unlabelled_dicoms_are_inspected(sample_dir, capsys):
+    """The real sample's dicom/ holds 12 DICOMs and no run-length CSV: inspected, each image
+    decoded (sizes and depths against pydicom), none with ground truth, a note saying why;
+    exit 0 (new images to check before predicting are not a problem)."""
+    import pydicom
+
+    folder = sample_dir / "dicom"
+    assert main(["inspect", str(folder), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    dicoms = sorted(folder.glob("*.dcm"))
+    sizes = {}
+    for p in dicoms:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        key = f"{ds.Columns}x{ds.Rows}"
+        sizes[key] = sizes.get(key, 0) + 1
+    assert (report["layout"], report["images"], report["pairs"]) == ("siim", len(dicoms), 0)
+    assert report["no_ground_truth"] == 12 == len(dicoms)
+    assert report["image_sizes"] == sizes and report["formats"] == {"DICOM": 12}
+    assert report["problems"] == []
+    assert report["notes"] == [
+        f"{folder}: no run-length CSV (columns ImageId,EncodedPixels or fname,mask): the 12 "
+        "DICOMs are inspected without labels"
+    ]
+    assert main(["inspect", str(folder)]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"no ground truth +│ 12 ", out)
+    assert err.strip() == f"note: {report['notes'][0]}"
+
+
+def test_inspect_says_what_else_a_folder_holds(sample_dir, capsys):
+    """The sample is read as the png layout; it also holds 12 DICOMs in dicom/ and two
+    run-length CSVs in rle/ (counted here from the folder), which the note names with the
+    options that read them. Read as siim, the note names the png layout instead."""
+    n_dicoms = len(list((sample_dir / "dicom").glob("*.dcm")))
+    rles = sorted(p.relative_to(sample_dir).as_posix() for p in (sample_dir / "rle").glob("*.csv"))
+    report = inspect_dataset(sample_dir)
+    assert report.notes == [
+        f"{sample_dir} also holds {n_dicoms} DICOMs (dicom/) and {len(rles)} run-length CSVs "
+        f"({', '.join(rles)}), which the png layout does not read: inspect them with "
+        "--layout siim --rle FILE"
+    ]
+    siim = inspect_dataset(sample_dir, "siim", rle=sample_dir / "rle" / "first-instance-rle.csv")
+    n_png = len(list((sample_dir / "png_images").glob("*.png")))
+    assert siim.notes == [
+        f"{sample_dir} also holds a png layout (png_images/, {n_png} images), which the siim "
+        "layout does not read: inspect them with --layout png"
+    ]
+
+
+def test_training_still_needs_the_labels(sample_dir, tmp_path):
+    """Only inspect reads unlabelled DICOMs: loading them for training is still refused."""
+    import pytest
+
+    from ptxseg.data.sources import load_records
+    from ptxseg.errors import DataError
+
+    with pytest.raises(DataError, match="no run-length CSV found"):
+        load_records(sample_dir / "dicom")

@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from ptxseg.cli import main
-from ptxseg.demo import MARKER, DemoSize, _prepare_out, run_demo
+from ptxseg.demo import MARKER, DemoSize, demo_folder, run_demo
 from ptxseg.errors import RunDirError
 
 TINY = [
@@ -41,12 +41,14 @@ def _cwd_holding_a_demo_folder(tmp_path_factory, monkeypatch):
 def test_demo_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "demo"
     buf = io.StringIO()
+    console = Console(file=buf, width=400)
     metrics = run_demo(
         out,
         size=DemoSize(n_train=24, n_test=8, image_size=64),
         overrides=TINY,
         progress=False,
-        console=Console(file=buf, width=400),
+        console=console,
+        on_evaluated=lambda m: console.print(f"EVALUATED {m['n_images']}"),
     )
 
     # the held-out evaluation, in the evaluate command's format
@@ -94,6 +96,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     ) in results[4]
     n_pos = sum(r["has_pneumothorax"] in ("1", "True", "true") for r in _rows(out))
     assert f"4 images predicted, {n_pos} with pneumothorax" in results[5]
+    # the evaluation is handed over at the end of its step, before the predict step
+    assert results[4].splitlines()[-1] == "EVALUATED 8" and "EVALUATED" not in results[5]
 
 
 def _rows(out):
@@ -104,17 +108,94 @@ def _rows(out):
 def test_demo_replaces_only_a_previous_demo(tmp_path):
     prev = tmp_path / "prev"
     (prev / "run").mkdir(parents=True)
-    (prev / MARKER).write_text("{}")
+    (prev / "run" / "best.ckpt").write_text("old")
+    (prev / MARKER).write_text("{}")  # a demo of an older version: demo.json, no record
     (prev / "notes.txt").write_text("mine")  # not the demo's: kept
-    _prepare_out(prev)
-    assert sorted(p.name for p in prev.iterdir()) == ["notes.txt"]
+    folder = demo_folder(prev)
+    with folder.hold():
+        folder.start([])
+    assert sorted(p.name for p in prev.iterdir()) == [".ptxseg-demo.json", "notes.txt"]
 
     other = tmp_path / "other"
     other.mkdir()
     (other / "data.csv").write_text("x")
     with pytest.raises(RunDirError, match="not a previous demo output"):
-        _prepare_out(other)
+        demo_folder(other)
     assert (other / "data.csv").read_text() == "x"
+
+
+def test_a_second_demo_replaces_the_first_ones_files_and_keeps_others(tmp_path, monkeypatch):
+    """The demo's folder under the one rule, its steps replaced by file writes: each demo's
+    record lists what it wrote; the next removes those (not a file put beside them), and a
+    file of someone else inside the demo's run/ stops the run that would write there."""
+    import ptxseg.demo as demo_mod
+
+    def steps(n_images: int):
+        def fake(out, *args):
+            for i in range(n_images):
+                (out / "data" / "train").mkdir(parents=True, exist_ok=True)
+                (out / "data" / "train" / f"{i}.png").write_text("x")
+            run = out / "run"
+            if run.exists() and any(run.iterdir()):
+                raise RunDirError(f"{run}: already exists and is not empty")
+            run.mkdir(exist_ok=True)
+            (run / "best.ckpt").write_text("w")
+            (out / MARKER).write_text("{}")
+            return {"n_images": n_images}
+        return fake
+
+    out = tmp_path / "demo"
+    buf = io.StringIO()
+    console = Console(file=buf, width=400)
+    monkeypatch.setattr(demo_mod, "_run_steps", steps(3))
+    run_demo(out, size=DemoSize(8, 2, 64), overrides=TINY, console=console)
+    record = json.loads((out / ".ptxseg-demo.json").read_text())
+    assert record["status"] == "done" and record["files"] == [
+        "data/train/0.png", "data/train/1.png", "data/train/2.png", MARKER, "run/best.ckpt"]
+    (out / "notes.txt").write_text("mine")
+    (out / "run" / "mine.txt").write_text("mine too")
+    monkeypatch.setattr(demo_mod, "_run_steps", steps(2))
+    with pytest.raises(RunDirError, match="already exists and is not empty"):
+        run_demo(out, size=DemoSize(8, 2, 64), overrides=TINY, console=console)
+    assert (out / "run" / "mine.txt").read_text() == "mine too"
+    assert json.loads((out / ".ptxseg-demo.json").read_text())["status"] == "running"
+    (out / "run" / "mine.txt").unlink()
+    run_demo(out, size=DemoSize(8, 2, 64), overrides=TINY, console=console)
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert on_disk == [".ptxseg-demo.json", "data/train/0.png", "data/train/1.png", MARKER,
+                       "notes.txt", "run/best.ckpt"]  # fmt: skip
+    # the previous demo is the one that stopped at run/: it had written two images
+    assert buf.getvalue().splitlines()[-1] == (
+        f"{out}: the previous demo's outputs were replaced: 2 files written again (2 in data/)"
+    )
+
+
+def test_cli_prints_the_metrics_table_before_the_predict_step(tmp_path, monkeypatch, capsys):
+    import ptxseg.demo as demo_mod
+
+    metrics = json.loads(json.dumps(_METRICS))
+
+    def fake(out, *, console, on_evaluated, **kwargs):
+        console.rule("4/5 evaluate")
+        on_evaluated(metrics)
+        console.rule("5/5 predict a few test images")
+        console.print("4 images predicted")
+        return metrics
+
+    monkeypatch.setattr(demo_mod, "run_demo", fake)
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 0
+    text = capsys.readouterr().out
+    table = text.index("8 images (4 with pneumothorax),")  # the table's title
+    assert table < text.index("kaggle_dice") < text.index("5/5 predict") < text.index(
+        "held-out pooled Dice")
+
+
+_METRICS = {
+    "n_images": 8, "n_positive": 4, "compared_at": "native",
+    "pooled": {"accuracy": 0.9, "recall": 0.5, "precision": 0.5, "f1": 0.5, "iou": 0.33,
+               "tn": 10, "fp": 1, "fn": 1, "tp": 1},
+    "per_image": {"kaggle_dice": 0.6}, "detection": {"sensitivity": 1.0},
+}
 
 
 def test_cli_refuses_a_foreign_folder(tmp_path, capsys):

@@ -99,14 +99,14 @@ def test_masks_at_model_size_over_a_larger_radiograph():
 def test_captions():
     assert caption_lines(False, 0.084) == ["no pneumothorax", "max p 0.08"]
     assert caption_lines(True, 0.97, 4512, 12.34, "right") == [
-        "PNEUMOTHORAX, patient's right", "12.3 cm2 (4,512 px), max p 0.97"
+        "PNEUMOTHORAX, patient's right", "12.3 cm² (4,512 px), max p 0.97"
     ]
     assert caption_lines(True, 0.6, 800, None, "both") == [
         "PNEUMOTHORAX, both sides", "800 px, max p 0.60"
     ]
     geo = Geometry(shape=(100, 100), spacing_mm=(2.0, 2.0), spacing_note="x")
     m = measure(_rect((100, 100), 0, 10, 70, 80), geo, max_prob=0.75)  # image right
-    assert caption_for(m) == ["PNEUMOTHORAX, patient's left", "4.0 cm2 (100 px), max p 0.75"]
+    assert caption_for(m) == ["PNEUMOTHORAX, patient's left", "4.0 cm² (100 px), max p 0.75"]
 
 
 def test_caption_flags_cm2_of_a_spacing_too_small_for_a_chest(sample_dir):
@@ -118,9 +118,9 @@ def test_caption_flags_cm2_of_a_spacing_too_small_for_a_chest(sample_dir):
     dicom = sorted((sample_dir / "dicom").glob("*.dcm"))[0]
     mask = _rect((1024, 1024), 200, 400, 100, 300)
     siim = caption_for(measure(mask, read_geometry(dicom), max_prob=0.9))
-    assert siim[2] == DOUBTFUL_CM2 == "cm2 doubtful: pixel spacing too small for a chest"
+    assert siim[2] == DOUBTFUL_CM2 == "cm² doubtful: pixel spacing too small for a chest"
     # 40,000 px x 0.143 mm x 0.143 mm = 817.96 mm2
-    assert siim[1] == "8.2 cm2 (40,000 px), max p 0.90"
+    assert siim[1] == "8.2 cm² (40,000 px), max p 0.90"
     plausible = Geometry(shape=(1024, 1024), spacing_mm=(0.35, 0.35), spacing_note="x")
     assert len(caption_for(measure(mask, plausible, max_prob=0.9))) == 2
     assert len(caption_for(measure(mask, None, max_prob=0.9))) == 2  # PNG: pixels only
@@ -139,3 +139,64 @@ def test_negative_is_captioned_and_otherwise_untouched():
     # "no pneumothorax" (and its max p line) is two lines; the positive caption as well
     assert pos.shape == out.shape
     assert not np.array_equal(pos[200:], bar)  # other words
+
+
+# ---------------------------------------------------------------- issue 26, item 28: the text
+
+
+def _ink(img: np.ndarray) -> np.ndarray:
+    return np.asarray(img).max(axis=2) > 100 if img.ndim == 3 else img > 100
+
+
+def test_cm2_is_drawn_with_a_raised_smaller_2():
+    """Hershey fonts have no '²' (cv2.putText draws '?'): put_text draws a smaller digit whose
+    top is the top of the line. Measured on the ink: right of where "cm" ends (OpenCV's own
+    width of it), the glyph is shorter than a "2" of the line and ends well above the
+    baseline."""
+    from ptxseg.overlays import put_text
+
+    scale, thick, y = 1.0, 2, 60
+    canvas = np.zeros((90, 200), np.uint8)
+    put_text(canvas, "cm²", (10, y), scale, 255, thick)
+    (cm_w, _), _ = cv2.getTextSize("cm", cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    sup = _ink(canvas[:, 10 + cm_w:])
+    rows = np.flatnonzero(sup.any(axis=1))
+    assert rows.size, "nothing drawn after cm"
+    plain = np.zeros_like(canvas)
+    cv2.putText(plain, "2", (10, y), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thick, cv2.LINE_AA)
+    two = np.flatnonzero(_ink(plain).any(axis=1))
+    (_, cap), _ = cv2.getTextSize("M", cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    assert rows[-1] - rows[0] < 0.8 * (two[-1] - two[0])  # smaller
+    assert rows[-1] < y - 0.3 * cap  # raised: it ends well above the baseline
+    assert abs(rows[0] - two[0]) <= 3  # its top at the top of the line
+    fallback = np.zeros_like(canvas)
+    cv2.putText(fallback, "cm²", (10, y), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thick,
+                cv2.LINE_AA)  # what cv2 alone draws: "cm??"
+    assert not np.array_equal(_ink(fallback), _ink(canvas))
+
+
+def test_every_overlay_png_says_research_use_only():
+    """predict's and serve's overlays (draw_prediction) end their caption with the notice,
+    drawn in gray below the white caption lines; a panel of evaluate's grid leaves it to the
+    figure's title, which says it once."""
+    from ptxseg.figures import make_panel, overlay_figure, pyplot
+    from ptxseg.metrics import image_stats
+    from ptxseg.overlays import NOTICE_RGB, RESEARCH_USE
+
+    assert RESEARCH_USE == "research use only, not for diagnosis"
+    image = _image(300, 300)
+    mask = _rect((300, 300), 100, 150, 100, 150)
+    m = measure(mask, max_prob=0.8)
+    with_notice = draw_prediction(image, mask, m)
+    without = draw_overlay(image, mask, caption=caption_for(m), notice=False)
+    extra = with_notice.shape[0] - without.shape[0]
+    assert extra > 0 and np.array_equal(with_notice[: without.shape[0]], without)
+    last = with_notice[without.shape[0]:]
+    assert _ink(last).sum() > 100 and last.max() == NOTICE_RGB[0]  # gray text, no white
+    panel = make_panel(image, mask, mask, image_stats("x", mask, mask, 0.8))
+    assert panel.rgb.shape[0] < with_notice.shape[0] + 300  # no notice row in the panel
+    fig = overlay_figure([panel], "best")
+    try:
+        assert fig.get_suptitle().endswith(RESEARCH_USE)
+    finally:
+        pyplot().close(fig)

@@ -157,8 +157,8 @@ def test_unreadable_files_are_reported_and_the_rest_predicted(mixed):
     assert len(ok) == 5 + len(mixed["dicoms"])
     last = mixed["stderr"].strip().splitlines()[-1]
     assert last == (
-        f"error: 2 of {len(all_rows)} files failed (see the status column of "
-        f"{mixed['out'] / 'results.csv'})"
+        f"error: 2 of {len(all_rows)} files failed: 2 not predicted (unreadable); see the "
+        f"status column of {mixed['out'] / 'results.csv'}"
     )
 
 
@@ -438,9 +438,10 @@ def test_images_in_flight_are_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "finish", slow_finish)
     predictor = Predictor([Member(Fake(), 32)], batch_size=2, workers=0)
     inputs = collect_inputs([folder])
-    errors, n_pos, _ = P.run_prediction(predictor, inputs, tmp_path / "out", DEFAULT_PARAMS,
-                                        writers=2, progress=False)
-    assert errors == [] and n_pos == 80 and state["alive"] == 0
+    counts, _ = P.run_prediction(predictor, inputs, tmp_path / "out", DEFAULT_PARAMS,
+                                 writers=2, progress=False)
+    assert counts.errors == [] and counts.positive == counts.predicted == 80
+    assert state["alive"] == 0
     bound = (2 * 2 + 2 * 2) + 2  # max_in_flight (2 * batch + 2 * writers) + the batch in hand
     assert 2 < state["max"] <= bound
     assert len(read_rows(tmp_path / "out" / "results.csv")) == 80

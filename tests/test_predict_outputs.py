@@ -336,3 +336,85 @@ def test_a_run_that_fails_to_load_its_model_leaves_no_new_out(run, images, tmp_p
     rc, _, err = run_cli(["predict", str(bad), str(images), "--out", str(out)])
     assert "truncated or not a checkpoint" in _one_error(rc, err)
     assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------ issue 26, items 24 and 16
+
+
+def _files(folder: Path) -> set[str]:
+    return {(Path(r) / n).relative_to(folder).as_posix()
+            for r, _, names in os.walk(folder) for n in names}  # fmt: skip
+
+
+def _by_folder(names) -> str:
+    """The note's grouping, computed here: counts per top folder, then top-level names."""
+    from collections import Counter
+
+    tops = Counter(n.split("/")[0] for n in names if "/" in n)
+    return ", ".join([f"{k} in {f}/" for f, k in sorted(tops.items())]
+                     + sorted(n for n in names if "/" not in n))  # fmt: skip
+
+
+def test_predicting_again_says_what_it_replaced_and_leaves_nothing_stale(
+        run, sample_dir, tmp_path):
+    """A first predict writes DICOM SEGs and a submission into --out; a second one without
+    either removes both (the old submission.csv no longer lies beside the new results.csv)
+    and says so in one line with counts, computed here from the folder's listings."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for dicom in sorted((sample_dir / "dicom").glob("*.dcm"))[:3]:
+        shutil.copy(dicom, src / dicom.name)
+    out = tmp_path / "o"
+    rc, _, err = run_cli(["predict", str(run), str(src), "--out", str(out), "--dicom-seg",
+                          "--kaggle-csv", str(out / "submission.csv")])
+    assert rc == 0, err
+    assert "replaced" not in err  # nothing to replace the first time
+    before = _files(out)
+    assert len([n for n in before if n.startswith("dicom_seg/")]) == 3
+    rc, _, err = run_cli(["predict", str(run), str(src), "--out", str(out)])
+    assert rc == 0, err
+    after = _files(out)
+    assert not (out / "submission.csv").exists() and not (out / "dicom_seg").exists()
+    again = sorted((before & after) - {"predict.json"})
+    gone = sorted(before - after)
+    assert gone == sorted([n for n in before if n.startswith("dicom_seg/")] + ["submission.csv"])
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        f"note: {out}: the previous predict's outputs were replaced: {len(again)} files written "
+        f"again ({_by_folder(again)}) and {len(gone)} removed, not written by this run "
+        f"({_by_folder(gone)})"
+    ]
+    assert _by_folder(gone) == "3 in dicom_seg/, submission.csv"
+    info = json.loads((out / "predict.json").read_text())
+    assert info["kaggle_csv"] is None and info["dicom_seg"] is False
+
+
+def test_the_summary_counts_what_results_csv_holds(run, sample_dir, tmp_path):
+    """An unreadable file (no mask) and a DICOM whose SEG cannot be made (a mask, no SEG): the
+    summary's counts are those of results.csv's rows, read back here."""
+    from tests.conftest import write_dicom
+
+    src = tmp_path / "in"
+    for i in range(2):
+        _image(src / f"p{i}.png", seed=i)
+    (src / "bad.png").write_bytes(b"not a png")
+    write_dicom(src / "nouid.dcm", np.full((80, 80), 120, np.uint8))  # no Study/Series UID
+    out = tmp_path / "o"
+    rc, stdout, err = run_cli(["predict", str(run), str(src), "--out", str(out),
+                               "--dicom-seg"])
+    assert rc == 2
+    rows = read_rows(out / "results.csv")
+    predicted = [r for r in rows if r["has_pneumothorax"] != ""]
+    positive = [r for r in predicted if r["has_pneumothorax"] == "1"]
+    failed = [r for r in rows if r["status"] != "ok"]
+    unreadable = [r for r in failed if r["has_pneumothorax"] == ""]
+    assert (len(rows), len(predicted), len(failed), len(unreadable)) == (4, 3, 2, 1)
+    assert f"{len(predicted)} images predicted, {len(positive)} with pneumothorax (" in stdout
+    assert err.strip().splitlines()[-1] == (
+        f"error: {len(failed)} of {len(rows)} files failed: {len(unreadable)} not predicted "
+        f"(unreadable), {len(failed) - len(unreadable)} predicted without a DICOM SEG; see the "
+        f"status column of {out / 'results.csv'}"
+    )
+    info = json.loads((out / "predict.json").read_text())
+    assert (info["images"], info["predicted"], info["positive"], info["errors"]) == (
+        len(rows), len(predicted), len(positive), len(failed))

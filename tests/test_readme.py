@@ -245,3 +245,35 @@ def test_make_takes_torch_from_the_given_index(tmp_path):
     assert '-e ".[dev]"' in with_index[1]
     assert len(dry()) == 1 and "--index-url" not in dry()[0]
     assert f"make demo TORCH_INDEX={url}" in README.read_text(encoding="utf-8")
+
+
+def test_make_says_what_it_installs_and_shows_pips_progress(tmp_path):
+    """``make demo`` on a fresh machine installs for minutes: make says so before pip starts,
+    and pip runs without -q and with its progress bar. Run for real against a stand-in
+    interpreter that records the arguments pip was given and prints like pip."""
+    import os
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake = venv / "bin" / "python"
+    fake.write_text('#!/bin/sh\necho "PIP-ARGS: $*"\necho "Collecting torch"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # also under `make test`
+    out = subprocess.run(["make", "--no-print-directory", "install", f"VENV={venv}"], cwd=REPO,
+                         capture_output=True, text=True, check=True,
+                         env=env).stdout.splitlines()  # fmt: skip
+    said = next(i for i, line in enumerate(out) if line.startswith("make: installing ptxseg"))
+    pip = [i for i, line in enumerate(out) if line.startswith("PIP-ARGS: ")]
+    assert pip and said < pip[0]
+    assert "minutes" in out[said] and "pip's progress follows" in out[said]
+    for i in pip:
+        args = out[i].split()
+        assert "-q" not in args and "--quiet" not in args
+        assert args[args.index("--progress-bar") + 1] == "on"
+    assert out[pip[-1] + 1] == "Collecting torch"  # pip's own lines reach the user
+    assert out[-1] == f"make: installed; {venv}/bin/ptxseg is ready"
+    assert (venv / ".ptxseg-installed").exists()

@@ -20,9 +20,8 @@ to a log file.
 
 from __future__ import annotations
 
-import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 from ptxseg.config import load_config
 from ptxseg.errors import RunDirError
 from ptxseg.fileio import write_json
+from ptxseg.output_folder import OutputFolder, files_under
 from ptxseg.progress import plural
 
 MARKER = "demo.json"
@@ -59,30 +59,39 @@ def default_size(cuda: bool) -> DemoSize:
     return DemoSize(n_train=300, n_test=60, image_size=256)
 
 
-def _prepare_out(out: Path) -> None:
-    """An empty/new folder, or a previous demo's folder (whose own outputs are replaced).
-    Anything else is refused: the demo never deletes what it did not write."""
-    if not out.exists():
-        out.mkdir(parents=True)
-        return
-    if not out.is_dir():
+def older_demo(out: Path) -> set[Path] | None:
+    """What a demo of an older ptxseg wrote (it left ``demo.json`` and no record): ``data/``,
+    ``run/``, ``predictions/``, the evaluation's files and ``demo.json``; else ``None``."""
+    from ptxseg.evaluate import OUTPUTS
+
+    if not (out / MARKER).is_file():
+        return None
+    files = {out / MARKER}
+    for name in (DATA, RUN, PREDICTIONS, *OUTPUTS):
+        path = out / name
+        files |= files_under(path) if path.is_dir() else {path} if path.is_file() else set()
+    return files
+
+
+def demo_folder(out: Path) -> OutputFolder:
+    """The demo's ``--out`` under the one output-folder rule: new, empty, or a previous demo's
+    (whose recorded files are replaced; files of others in it are kept). Anything else is
+    refused: the demo never deletes what it did not write.
+
+    Raises:
+        RunDirError: ``out`` is a file, or a folder with files and no demo's record.
+    """
+    out = Path(out)
+    folder = OutputFolder(out, "demo", legacy=older_demo)
+    if out.exists() and not out.is_dir():
         raise RunDirError(f"{out}: exists and is not a folder")
-    entries = list(out.iterdir())
-    if not entries:
-        return
-    if not (out / MARKER).exists():
+    if out.is_dir() and any(out.iterdir()) and folder.recorded() is None:
         raise RunDirError(
             f"{out}: folder exists and is not a previous demo output (no {MARKER}); "
             "choose another --out"
         )
-    from ptxseg.evaluate import OUTPUTS
-
-    for name in (DATA, RUN, PREDICTIONS, MARKER, *OUTPUTS):
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    folder.check([])
+    return folder
 
 
 def run_demo(
@@ -93,16 +102,13 @@ def run_demo(
     overrides: Sequence[str] = (),
     progress: bool = True,
     console=None,
+    on_evaluated: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole pipeline into ``out``; return the held-out evaluation (metrics.json)."""
+    """Run the whole pipeline into ``out`` (:func:`demo_folder`); return the held-out
+    evaluation (metrics.json). ``on_evaluated`` is called with it right after the evaluation
+    step (the command line prints its metrics table there, before the predict step)."""
     import torch
     from rich.console import Console
-
-    from ptxseg.data.synthetic import generate
-    from ptxseg.evaluate import METRICS_JSON, evaluate_run
-    from ptxseg.predict import predict
-    from ptxseg.train import fit, run_summary
-    from ptxseg.tune import tune_run
 
     console = console or Console()
     out = Path(out)
@@ -110,7 +116,32 @@ def run_demo(
     size = size or default_size(cuda)
     overrides = [*size.overrides, *overrides]
     cfg = load_config(config, overrides)
-    _prepare_out(out)
+    folder = demo_folder(out)
+    with folder.hold():
+        folder.start([])  # the previous demo's files go
+        before = files_under(out)  # files of others, kept and never recorded
+        status = "running"
+        try:
+            metrics = _run_steps(out, size, cfg, cuda, config, overrides, progress, console,
+                                 on_evaluated)  # fmt: skip
+            status = "done"
+        finally:  # what this demo wrote, recorded also when it stops half-way
+            folder.files = sorted(files_under(out) - before - {folder.lock_path})
+            folder.write_record(status)
+    change = folder.change()
+    if change is not None:
+        console.print(change, markup=False, highlight=False, soft_wrap=True)
+    return metrics
+
+
+def _run_steps(out, size, cfg, cuda, config, overrides, progress, console, on_evaluated):
+    """The five steps of :func:`run_demo`."""
+    from ptxseg.data.synthetic import generate
+    from ptxseg.evaluate import METRICS_JSON, evaluate_run
+    from ptxseg.predict import predict
+    from ptxseg.train import fit, run_summary
+    from ptxseg.tune import tune_run
+
     timings: dict[str, float] = {}
     record: dict[str, Any] = {
         "device": "cuda" if cuda else "cpu",
@@ -176,6 +207,8 @@ def run_demo(
         f"IoU {pooled['iou']:.4f}; per-image (SIIM-ACR) Dice "
         f"{metrics['per_image']['kaggle_dice']:.4f} -> {out / METRICS_JSON}"
     )
+    if on_evaluated is not None:
+        on_evaluated(metrics)
 
     name, t0 = step("predict", "5/5 predict a few test images")
     sample = sorted((test_dir / "png_images").glob("*.png"))[:4]
@@ -189,7 +222,7 @@ def run_demo(
     )
     timings[name] = round(time.perf_counter() - t0, 2)
     result(
-        f"{plural(predicted.n_images - predicted.n_errors, 'image')} predicted, "
+        f"{plural(predicted.n_predicted, 'image')} predicted, "
         f"{predicted.n_positive} with pneumothorax -> {out / PREDICTIONS}/"
     )
     timings["total"] = round(sum(timings.values()), 2)

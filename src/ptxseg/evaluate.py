@@ -26,8 +26,10 @@ Warnings are Python warnings (the CLI shows each as one yellow line).
 from __future__ import annotations
 
 import math
+import os
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +58,37 @@ REPORT_HTML = "report.html"
 OVERLAYS = "overlays"
 #: what an evaluation writes into its ``out`` (the report re-plots the training curves too)
 OUTPUTS = (METRICS_JSON, PER_IMAGE_CSV, CONFUSION_PNG, REPORT_HTML, OVERLAYS, TRAINING_CURVES_PNG)
+#: the overlay grids, ``overlays/<name>.png`` (:func:`select_cases`)
+CASES = ("best", "worst", "random")
+#: ``CV/out_of_fold/``: the out-of-fold report ``ptxseg tune CV`` writes (these same files)
+OUT_OF_FOLD = "out_of_fold"
+
+
+def output_files(out: Path) -> list[Path]:
+    """Every file an evaluation may write into ``out`` (:data:`OUTPUTS`, the overlay grids
+    one by one)."""
+    return [out / name for name in OUTPUTS if name != OVERLAYS] + [
+        out / OVERLAYS / f"{name}.png" for name in CASES
+    ]
+
+
+def older_evaluation(out: Path) -> set[Path] | None:
+    """The files of an evaluation by an older ptxseg, which wrote no record: its metrics.json
+    says what it is (``pooled``, ``compared_at``, ``thresholds_source``); else ``None``."""
+    import json
+
+    from ptxseg.errors import DataError
+    from ptxseg.fileio import read_text
+
+    try:
+        info = json.loads(read_text(out / METRICS_JSON, METRICS_JSON))
+    except (DataError, ValueError):
+        return None
+    if not isinstance(info, dict) or not {"pooled", "compared_at", "thresholds_source"} <= set(
+        info
+    ):
+        return None
+    return {p for p in output_files(out) if os.path.lexists(p)}
 
 
 class At(Choice):
@@ -112,8 +145,9 @@ def iter_predictions(
     at = At.parse(at, "--at")
     size = predictor.size
     entries = [(r.id, r.image) for r in records]
-    with progress_bar(enabled=progress is not None, transient=True) as bar:
-        task = bar.add_task(progress or "", total=len(records))
+    with progress_bar(enabled=progress is not None, rate=True) as bar:  # as predict's
+        task = bar.add_task(progress or "", total=len(records), rate="")
+        t0, done = time.perf_counter(), 0
         for item, probs in predictor.file_probs(entries, keep_image=keep_image,
                                                 keep_header=geometry):
             record = records[item.index]
@@ -134,7 +168,9 @@ def iter_predictions(
                     gt = cv2.resize(gt, (size, size), interpolation=cv2.INTER_NEAREST)
             geo = read_geometry(item.path, item.header) if geometry else None
             yield Prediction(record, out, gt, max_prob, item.image, geo)
-            bar.advance(task)
+            done += 1
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=1, rate=f"{rate:.1f} img/s")
 
 
 def postprocess(pred: Prediction, params: PostParams) -> np.ndarray:
@@ -226,8 +262,13 @@ def evaluate_run(
     backend: str = "torch",
     device: str = "auto",
     models: Sequence[str | Path] = (),
+    overwrite: bool = False,
+    announce: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run on a dataset and write every output (:data:`OUTPUTS`) into ``out``.
+    """Evaluate a run on a dataset and write every output (:data:`OUTPUTS`) into ``out``,
+    under the one output-folder rule (:class:`ptxseg.outputs.OutputFolder`: checked before the
+    model loads, locked, a previous evaluation's files replaced, anyone else's only with
+    ``overwrite``).
 
     Args:
         run: run folder (its checkpoint, or its ONNX export with ``backend="onnx"``; its
@@ -247,6 +288,9 @@ def evaluate_run(
         n_overlay: cases per overlay grid.
         progress: show a progress bar.
         rle: the run-length CSV of a siim folder (``--rle``).
+        overwrite: replace existing files in ``out`` that no previous evaluation wrote.
+        announce: called with the line that says what of a previous evaluation in ``out``
+            was replaced and removed.
 
     Returns:
         the content of ``metrics.json``.
@@ -256,7 +300,8 @@ def evaluate_run(
             images of the run's training split.
     """
     from ptxseg.cv import is_cv_dir
-    from ptxseg.predictor import Predictor
+    from ptxseg.output_folder import OutputFolder
+    from ptxseg.predictor import Predictor, member_sources
 
     out = Path(out)
     at, split = At.parse(at, "--at"), Split.parse(split, "--split")
@@ -267,22 +312,44 @@ def evaluate_run(
             "(its out-of-fold score: ptxseg tune CV); evaluate one fold (CV/fold-I) with "
             "--split val, or the ensemble on data no fold trained on"
         )
-    predictor = Predictor.from_run(
-        run, backend=backend, model=list(models) or None, device=device, tta=tta,
-        batch_size=batch_size,
-    )  # fmt: skip
     records, root, used_layout = run.records(data, layout, split, rle)
+    sources = member_sources(run, list(models) or None, backend)
+    read = [r.image for r in records] + [Path(thresholds) if thresholds else run.thresholds_path]
+    read += [r.mask if isinstance(r.mask, Path) else Path(r.mask.source) for r in records
+             if r.mask is not None]  # fmt: skip
+    read += [path for _, path in sources] + [r.config_path for r, _ in sources]
+    folder = OutputFolder(out, "evaluate", overwrite=overwrite, read_files=read,
+                          legacy=older_evaluation)  # fmt: skip
+    files = output_files(out)
+    folder.check(files)  # before the model loads
+    with folder.hold(files):
+        predictor = Predictor.from_run(
+            run, backend=backend, model=list(models) or None, device=device, tta=tta,
+            batch_size=batch_size,
+        )  # fmt: skip
+        metrics = _evaluate(predictor, run, records, root, used_layout, folder,
+                            thresholds=thresholds, at=at, split=split, n_overlay=n_overlay,
+                            progress=progress)  # fmt: skip
+        change = folder.finish()
+    if change is not None and announce is not None:
+        announce(change)
+    return metrics
+
+
+def _evaluate(predictor, run, records, root, used_layout, folder, *, thresholds, at, split,
+              n_overlay, progress) -> dict[str, Any]:
+    """:func:`evaluate_run` once ``folder`` is checked and held and the model loaded."""
+    out = folder.out
+    from ptxseg.cv import is_cv_dir
+
     rule = run.thresholds(thresholds, predictor.size)
-    n_train_ids, splits = _train_ids(predictor, records)
-    if split is Split.ALL and n_train_ids:
-        warnings.warn(
-            f"{n_train_ids} of the {len(records)} images have the ids of {splits}: if they "
-            "are the same images, their metrics are "
-            "optimistic; evaluate with --split val for the validation images only, or on data "
-            "the model never saw",
-            UserWarning,
-            stacklevel=2,
-        )
+    n_train_ids, train_note = _train_ids(predictor, records,
+                                         cv=run.path if is_cv_dir(run.path) else None)
+    n_tuned_ids, tuned_note = _tuned_ids(rule, run, records)
+    optimistic = [note for n, note in ((n_train_ids if split is Split.ALL else 0, train_note),
+                                       (n_tuned_ids, tuned_note)) if n]  # fmt: skip
+    for note in optimistic:
+        warnings.warn(note, UserWarning, stacklevel=2)
     stats: list[ImageStats] = []
     measures: list[LesionMeasures] = []
     geometries: list[Geometry | None] = []
@@ -310,21 +377,26 @@ def evaluate_run(
         "tta": predictor.tta,
         "split": split,
         "n_train_ids": n_train_ids,
+        "n_tuned_ids": n_tuned_ids,
+        "optimistic": optimistic,
         "data": str(root),
         "layout": used_layout,
         "checkpoint": predictor.members[0].path.name if len(predictor.members) == 1 else None,
         **predictor.record(),
     }
-    out.mkdir(parents=True, exist_ok=True)
+    folder.start(output_files(out))  # the previous evaluation's files go just before
     write_json(out / METRICS_JSON, metrics)
     write_text(out / PER_IMAGE_CSV, per_image_csv(stats, measures))
     _write_report(out, run, predictor, records, stats, geometries, metrics, rule, at, n_overlay)
     return metrics
 
 
-def _train_ids(predictor: Predictor, records: Sequence[Record]) -> tuple[int | None, str]:
+def _train_ids(predictor: Predictor, records: Sequence[Record],
+               cv: Path | None = None) -> tuple[int | None, str]:  # fmt: skip
     """How many of ``records`` are training images of a member's run (its ``split.csv``;
-    ``None`` when no member's run has one), and whose training images they are."""
+    ``None`` when no member's run has one), and the sentence that says so with the advice
+    that fits (``cv``: the model is this CV folder's folds, which ``--split`` does not apply
+    to)."""
     runs = {m.run.path: m.run for m in predictor.members
             if m.run is not None and m.run.split_path.is_file()}  # fmt: skip
     if not runs:
@@ -335,16 +407,81 @@ def _train_ids(predictor: Predictor, records: Sequence[Record]) -> tuple[int | N
     paths = [str(r.split_path) for r in runs.values()]
     if len(paths) == 1:
         shown = f"the run's training images ({paths[0]})"
+        advice = ("evaluate with --split val for the validation images only, or on data the "
+                  "model never saw")  # fmt: skip
     else:
         more = f" and {len(paths) - 2} more" if len(paths) > 2 else ""
-        shown = f"the members' training images ({', '.join(paths[:2])}{more})"
-    return sum(1 for r in records if r.id in train), shown
+        whose = "folds'" if cv is not None else "members'"
+        shown = f"the {whose} training images ({', '.join(paths[:2])}{more})"
+        advice = "evaluate the ensemble on data no member trained on"
+        if cv is not None:
+            advice = (
+                "each image of a CV folder's data trained all its folds but one (--split does "
+                "not apply): the score of images no fold trained on is the out-of-fold report "
+                f"of ptxseg tune {cv} ({cv / OUT_OF_FOLD / REPORT_HTML}); else evaluate on "
+                "data no fold trained on"
+            )
+    n = sum(1 for r in records if r.id in train)
+    return n, (f"{n} of the {len(records)} images have the ids of {shown}: if they are the "
+               f"same images, their metrics are optimistic; {advice}")  # fmt: skip
+
+
+def _tuned_ids(rule, run: Run, records: Sequence[Record]) -> tuple[int | None, str]:
+    """How many of ``records`` have the ids of the images the thresholds were tuned on (the
+    ``tuned_ids`` of the thresholds file; a tune's file without them: its run's validation
+    split, or all the images of a CV folder), ``None`` when unknown (the default rule, a
+    hand-written file), and the sentence that says so."""
+    import json
+
+    from ptxseg.cv import is_cv_dir, read_manifest
+    from ptxseg.fileio import read_text
+
+    if rule.path is None:
+        return None, ""
+    try:
+        obj = json.loads(read_text(rule.path, "thresholds file"))
+    except (PtxsegError, ValueError):
+        return None, ""
+    if not isinstance(obj, dict) or "objective" not in obj:
+        return None, ""
+    ids = obj.get("tuned_ids")
+    if isinstance(ids, list):
+        tuned = {i for i in ids if isinstance(i, str)}
+    elif Path(rule.path) == Path(run.thresholds_path) and is_cv_dir(run.path):
+        tuned = set(read_manifest(run.path).assignment)  # out of fold: every image of the CV
+    elif Path(rule.path) == Path(run.thresholds_path) and run.split_path.is_file():
+        tuned = {i for i, side in run.split().items() if side == "val"}
+    else:
+        return None, ""
+    n = sum(1 for r in records if r.id in tuned)
+    return n, (f"{n} of the {len(records)} images have the ids of the images the thresholds "
+               f"were tuned on ({rule.path}): if they are the same images, these scores are "
+               "optimistic (the post-processing was chosen on them); evaluate on images that "
+               "neither training nor tuning saw")  # fmt: skip
 
 
 def _write_report(out, run, predictor, records, stats, geometries, metrics, rule, at,
                   n_overlay) -> None:
     """Overlays of the best, worst and random cases (captions with cm² where the image's
     ``geometries`` have a pixel spacing), the confusion matrix and report.html."""
+
+    def again(indices: list[int]) -> Iterator[Prediction]:  # a few cases, predicted again
+        return iter_predictions(predictor, [records[i] for i in indices], at=at,
+                                keep_image=True)  # fmt: skip
+
+    runs = [m.run for m in predictor.members if m.run is not None] or [run]
+    write_outputs(out, run, again, stats, geometries, metrics, rule, n_overlay, runs)
+
+
+def write_outputs(out: Path, run: Run, again: Callable[[list[int]], Iterator[Prediction]],
+                  stats: Sequence[ImageStats], geometries: Sequence[Geometry | None],
+                  metrics: dict[str, Any], rule, n_overlay: int,
+                  curves_of: Sequence[Run]) -> None:  # fmt: skip
+    """The figures and report.html of an evaluation (``out``'s files but metrics.json and
+    per_image.csv): the best, worst and random cases (``again`` predicts the cases of the
+    given indices of ``stats`` again, with their images), the confusion matrix, the training
+    curves of ``curves_of`` (each member's run) and the page. Shared by evaluate and the
+    out-of-fold report of ``tune CV``."""
     from ptxseg import figures, report  # matplotlib: only once there is something to draw
 
     # the few selected cases are predicted again (cheap) instead of keeping every map
@@ -352,8 +489,7 @@ def _write_report(out, run, predictor, records, stats, geometries, metrics, rule
     wanted = sorted({i for idx in cases.values() for i in idx})
     panels: dict[int, figures.Panel] = {}
     if wanted:
-        again = iter_predictions(predictor, [records[i] for i in wanted], at=at, keep_image=True)
-        for k, pred in zip(wanted, again, strict=True):
+        for k, pred in zip(wanted, again(wanted), strict=True):
             mask = postprocess(pred, rule.params)
             panels[k] = figures.make_panel(pred.image, pred.gt, mask, stats[k], geometries[k])
     overlays = {
@@ -364,9 +500,6 @@ def _write_report(out, run, predictor, records, stats, geometries, metrics, rule
         for name, idx in cases.items()
         if idx
     }
-    for name, idx in cases.items():  # no stale grid from an earlier evaluation into ``out``
-        if not idx:
-            (out / OVERLAYS / f"{name}.png").unlink(missing_ok=True)
     figures.write_confusion_matrix(out / CONFUSION_PNG, metrics["pooled"])
     report.write_report(
         out / REPORT_HTML,
@@ -374,6 +507,6 @@ def _write_report(out, run, predictor, records, stats, geometries, metrics, rule
         run=run,
         thresholds_path=rule.path,
         confusion_png=out / CONFUSION_PNG,
-        curves_png=figures.training_curves(run, out),
+        curves_png=figures.training_curves(curves_of, out),
         overlays=overlays,
     )

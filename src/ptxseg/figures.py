@@ -8,6 +8,7 @@ Figure titles are drawn with math parsing off, so a file called ``$x$.png`` is s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ import numpy as np
 
 from ptxseg.fileio import save_figure
 from ptxseg.metrics import ImageStats
-from ptxseg.overlays import draw_overlay
+from ptxseg.overlays import RESEARCH_USE, draw_overlay
 
 if TYPE_CHECKING:
     from ptxseg.run import Run
@@ -67,7 +68,7 @@ def make_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, stats: Image
 
     caption = caption_for(measure(pred, geometry, max_prob=stats.max_prob))
     rgb = draw_overlay(image, pred, gt, style="fill", caption=caption, max_side=PANEL_SIZE,
-                       min_side=PANEL_SIZE, legend=False)
+                       min_side=PANEL_SIZE, legend=False, notice=False)  # the title says it
     name = stats.id if len(stats.id) <= 32 else stats.id[:29] + "..."
     return Panel(rgb, f"{name}\nDice {stats.dice:.3f}, truth {stats.true_area:,} px")
 
@@ -88,7 +89,7 @@ def overlay_figure(panels: list[Panel], name: str):
     for ax, panel in zip(axes.ravel(), panels, strict=False):
         ax.imshow(panel.rgb)
         ax.set_title(panel.title, fontsize=8, parse_math=False)
-    fig.suptitle(f"{name} cases: {LEGEND}", fontsize=10)
+    fig.suptitle(f"{name} cases: {LEGEND}\n{RESEARCH_USE}", fontsize=10)
     return fig
 
 
@@ -150,13 +151,30 @@ def confusion_figure(pooled: dict[str, Any]):
     return fig
 
 
-def training_curves(run: Run, out: Path) -> Path | None:
-    """The run's loss/IoU curves: re-plotted from its epoch metrics into
-    ``out/training_curves.png`` (``ptxseg.plots``), else the run's own curves figure, else
-    None."""
-    from ptxseg.errors import PtxsegError
-    from ptxseg.plots import plot_curves
+def training_curves(runs: Run | Sequence[Run], out: Path) -> Path | None:
+    """The training curves of the model's runs, into ``out/training_curves.png``.
 
+    One run: its loss/IoU curves re-plotted from its epoch metrics (``ptxseg.plots``), else the
+    run's own curves figure, else None. Several (an ensemble's members, a CV folder's folds):
+    every one with a usable ``metrics.csv`` in one figure, named by its folder, else None."""
+    from ptxseg.errors import PtxsegError
+    from ptxseg.plots import plot_curves, plot_members, read_metrics
+
+    runs = list(runs) if isinstance(runs, (list, tuple)) else [runs]
+    runs = list({r.path: r for r in runs}.values())
+    if len(runs) > 1:
+        named = {}
+        for r in runs:
+            try:
+                named[r.path.name if r.path.name not in named else str(r.path)] = read_metrics(
+                    r.metrics_path)
+            except (PtxsegError, OSError, ValueError):
+                continue
+        if not named:
+            return None
+        plot_members(named, out / TRAINING_CURVES_PNG)
+        return out / TRAINING_CURVES_PNG
+    run = runs[0]
     if run.metrics_path.exists():
         try:
             plot_curves(run.metrics_path, out / TRAINING_CURVES_PNG)

@@ -1,76 +1,51 @@
-"""Where predict and export write: every output path checked before any work.
+"""Where predict writes: its output paths, checked before any work, under the one output-folder
+rule (:mod:`ptxseg.output_folder`: ``--out`` locked, a previous predict's outputs replaced and
+said, never anyone else's file without ``--overwrite``).
 
 No output may be a file the command reads (inputs, checkpoint, config, thresholds, id maps:
-the same file after resolving); a Kaggle CSV may not lie in an input folder; an existing file
-that is not an output of the same kind (a previous predict's, recorded in its
-``predict.json``; a submission CSV; a ptxseg export) is replaced only with ``overwrite``. A
-predict's ``--out`` is locked for the whole run (:func:`output_lock`); a previous predict's
-recorded outputs are removed before the first new one is written, and ``predict.json`` records
-the new run's ids first (``"status": "running"``), so the folder never mixes two runs, even
-after an interrupted one.
+the same file after resolving); a Kaggle CSV may not lie in an input folder, and an existing
+one that is not a submission is replaced only with ``overwrite``. predict's record is its
+``predict.json``: the ids it predicted (so ``masks/``, ``overlays/``, ``probs/`` files), whether
+it wrote DICOM SEGs, and a Kaggle CSV it wrote inside ``--out``; all of them are removed before
+the first new output, so the folder never mixes two runs, even after an interrupted one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ptxseg.data.ids import safe_id
 from ptxseg.errors import DataError, PtxsegError
-from ptxseg.fileio import FolderBusy, folder_lock, not_regular, read_json, read_text, resolved
+from ptxseg.fileio import (
+    not_regular,
+    read_json,
+    read_text,
+    resolved,
+    write_json,
+)
 from ptxseg.image_outputs import DICOM_SEG, MASKS, OVERLAYS, seg_path
 from ptxseg.kaggle import is_kaggle_csv
+from ptxseg.output_folder import (
+    OutputFolder,
+    check_out_folder,
+    check_output_file,
+    lock_name,
+)
 
 RESULTS_NAME = "results.csv"
 PREDICT_JSON = "predict.json"
-LOCK_NAME = ".ptxseg-predict.lock"
 OUTPUT_SUBDIRS = (MASKS, OVERLAYS)
 PROBS = "probs"  # predict --save-probs: probs/<id>.npy
+LOCK_NAME = lock_name("predict")
 
 
-def check_output_file(path: Path, option: str, *, create_folder: bool = False) -> None:
-    """One output file: not a folder, a FIFO or a symlink loop; its folder exists and is
-    writable (``create_folder``: or can be created, under a writable folder).
-
-    Raises:
-        PtxsegError: naming ``path`` as the user gave it.
-    """
-    kind = not_regular(path)
-    if kind not in (None, "missing"):
-        raise PtxsegError(f"{path}: {option} must be a file path, but it is {kind}")
-    parent = path.parent
-    parent_kind = not_regular(parent)
-    if parent_kind == "missing" and create_folder and not os.path.islink(parent):
-        parent = next(p for p in Path(os.path.abspath(parent)).parents if os.path.lexists(p))
-        parent_kind = not_regular(parent)
-    elif parent_kind == "missing":
-        raise PtxsegError(f"{path}: {option}: the folder {parent} does not exist")
-    if parent_kind != "a folder":
-        what = "a file" if parent_kind is None else parent_kind
-        raise PtxsegError(f"{path}: {option}: {parent} is {what}, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PtxsegError(f"{path}: {option}: the folder {parent} is not writable")
-
-
-def check_out_folder(out: Path) -> None:
-    """``--out``: a folder (or a new path whose nearest existing parent is a writable folder)."""
-    kind = not_regular(out)
-    if kind == "a folder":
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise PtxsegError(f"{out}: --out is not writable")
-        return
-    if kind != "missing" or os.path.islink(out):
-        what = "a file" if kind is None else kind
-        raise PtxsegError(f"{out}: --out must be a folder, but it is {what}")
-    parent = next((p for p in Path(os.path.abspath(out)).parents if os.path.lexists(p)), None)
-    if parent is None or not parent.is_dir():
-        raise PtxsegError(f"{out}: --out cannot be created ({parent} is not a folder)")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PtxsegError(f"{out}: --out cannot be created ({parent} is not writable)")
+# ---------------------------------------------------------------------------------------------
+# predict
 
 
 @dataclass
@@ -86,7 +61,8 @@ class OutputPlan:
     probs: bool = False  # probability maps too (--save-probs)
 
     def files(self, ids: Sequence[str], overlays: bool) -> list[Path]:
-        """The files this run writes inside ``out``."""
+        """The files this run writes inside ``out`` (but the Kaggle CSV, whose kind decides:
+        :func:`plan_outputs`)."""
         names = [RESULTS_NAME, PREDICT_JSON]
         subs = OUTPUT_SUBDIRS if overlays else OUTPUT_SUBDIRS[:1]
         probs = [self.out / PROBS / f"{i}.npy" for i in ids] if self.probs else []
@@ -97,29 +73,47 @@ class OutputPlan:
             + probs
         )
 
+    def kaggle_in_out(self) -> bool:
+        """Whether the Kaggle CSV lies inside ``out`` (one of the folder's outputs)."""
+        return self.kaggle_csv is not None and resolved(self.out) in resolved(
+            self.kaggle_csv
+        ).parents
 
-def _clash(paths: Iterable[Path], read_files: set[Path]) -> Path | None:
-    """The first of ``paths`` that is (after resolving) a file the command reads."""
-    resolved_dirs: dict[Path, Path] = {}
-    for path in paths:
-        parent = resolved_dirs.setdefault(path.parent, resolved(path.parent))
-        target = parent / path.name
-        if os.path.islink(target):
-            target = resolved(target)
-        if target in read_files:
-            return path
-    return None
+    def kaggle_name(self) -> str | None:
+        """The Kaggle CSV's path relative to ``out`` when it lies inside, as recorded in
+        ``predict.json``."""
+        if not self.kaggle_in_out():
+            return None
+        assert self.kaggle_csv is not None
+        return resolved(self.kaggle_csv).relative_to(resolved(self.out)).as_posix()
+
+
+class PredictFolder(OutputFolder):
+    """predict's ``--out`` under the one rule; its record is ``predict.json`` (what was run,
+    the ids, whether SEGs and a Kaggle CSV inside ``--out`` were written)."""
+
+    def __init__(self, out: str | Path, *, overwrite: bool = False,
+                 read_files: Iterable[str | Path] = ()):
+        super().__init__(out, "predict", overwrite=overwrite, read_files=read_files)
+
+    @property
+    def record_path(self) -> Path:
+        return self.out / PREDICT_JSON
+
+    def recorded(self) -> set[Path] | None:
+        return previous_outputs(self.out)
+
+    def write_record(self, status: str, results: dict[str, Any] | None = None) -> None:
+        write_json(self.record_path, {**self.record, "status": status, **(results or {})})
 
 
 def plan_outputs(
-    out: Path,
+    folder: PredictFolder,
     kaggle_csv: Path | None,
     *,
-    read_files: Iterable[Path],
     read_dirs: Iterable[Path],
     ids: Sequence[str],
     overlays: bool,
-    overwrite: bool,
     seg_ids: Sequence[str] = (),
     probs: bool = False,
 ) -> OutputPlan:
@@ -130,9 +124,10 @@ def plan_outputs(
     a file the command reads (an input image, the checkpoint, a thresholds or id-map file:
     same file after resolving) or a ``--kaggle-csv`` inside an input folder (outside
     ``--out``); an existing ``--kaggle-csv`` that is not a submission (first line
-    ``ImageId,EncodedPixels``) unless ``overwrite``.
+    ``ImageId,EncodedPixels``) unless ``overwrite``; an existing output in ``--out`` that no
+    previous predict recorded, unless ``overwrite`` (:meth:`OutputFolder.check`).
     """
-    read_files = {resolved(p) for p in read_files}
+    out, overwrite, read_files = folder.out, folder.overwrite, folder.read_files
     read_dirs = {resolved(p) for p in read_dirs}
     check_out_folder(out)
     plan = OutputPlan(out, kaggle_csv, read_files, read_dirs, overwrite, list(seg_ids), probs)
@@ -157,10 +152,10 @@ def plan_outputs(
                 for sub in (*OUTPUT_SUBDIRS, DICOM_SEG, PROBS))
         ):
             raise PtxsegError(f"{kaggle_csv}: --kaggle-csv is a file that --out itself receives")
-        folder = next((d for d in read_dirs if d in kaggle_r.parents), None)
-        if folder is not None and not in_out:
+        inside = next((d for d in read_dirs if d in kaggle_r.parents), None)
+        if inside is not None and not in_out:
             raise PtxsegError(
-                f"{kaggle_csv}: --kaggle-csv lies inside the input folder {folder}; write it "
+                f"{kaggle_csv}: --kaggle-csv lies inside the input folder {inside}; write it "
                 "elsewhere (e.g. into --out)"
             )
         if os.path.lexists(kaggle_csv) and not overwrite and not is_kaggle_csv(kaggle_csv):
@@ -168,27 +163,15 @@ def plan_outputs(
                 f"{kaggle_csv}: exists and is not a submission CSV (first line "
                 "ImageId,EncodedPixels); refusing to replace it (--overwrite to replace it)"
             )
-    clash = _clash(plan.files(ids, overlays), read_files)
-    if clash is not None:
-        raise PtxsegError(
-            f"{clash}: is one of this command's inputs and --out {out} would replace it; "
-            "choose another --out"
-        )
+    folder.check(plan.files(ids, overlays))
     return plan
 
 
-@dataclass
-class Previous:
-    """What a previous ``ptxseg predict`` recorded in an output folder."""
-
-    files: set[Path]  # what it wrote (results.csv, predict.json, masks/, overlays/, dicom_seg/)
-
-
-def previous_outputs(out: Path) -> Previous | None:
-    """The outputs a previous predict recorded in ``out/predict.json`` (its ``ids``, and the
-    DICOM SEGs of those ids when it says ``"dicom_seg": true``; files of an older version
-    without ``ids``: the ids of its results.csv), or ``None`` when ``out`` holds no readable
-    predict.json of ptxseg."""
+def previous_outputs(out: Path) -> set[Path] | None:
+    """The outputs a previous predict recorded in ``out/predict.json`` (its ``ids``; the DICOM
+    SEGs of those ids when it says ``"dicom_seg": true``; the Kaggle CSV it wrote inside
+    ``out``, ``kaggle_csv``; files of an older version without ``ids``: the ids of its
+    results.csv), or ``None`` when ``out`` holds no readable predict.json of ptxseg."""
     path = out / PREDICT_JSON
     if not os.path.lexists(path):
         return None
@@ -211,51 +194,7 @@ def previous_outputs(out: Path) -> Previous | None:
     if info.get("dicom_seg") is True:
         files |= {seg_path(out, i) for i in ids}
     files |= {out / PROBS / f"{i}.npy" for i in ids}
-    return Previous(files)
-
-
-def check_existing(plan: OutputPlan, previous: Previous | None, ids: Sequence[str],
-                   overlays: bool) -> None:
-    """Files this run writes into ``--out`` that exist and were not written by a previous
-    predict (recorded in its predict.json) are refused unless ``plan.overwrite``; so are
-    recorded files that are now inputs (clearing them would delete an input)."""
-    recorded = previous.files if previous is not None else set()
-    clash = _clash(recorded, plan.read_files)
-    if clash is not None:
-        raise PtxsegError(
-            f"{clash}: an output of the previous predict into {plan.out} is now an input; "
-            "choose another --out"
-        )
-    if plan.overwrite:
-        return
-    foreign = [p for p in plan.files(ids, overlays) if p not in recorded and os.path.lexists(p)]
-    if foreign:
-        n = len(foreign)
-        raise PtxsegError(
-            f"{plan.out}: {n} file{'s' * (n != 1)} this run would write already "
-            f"exist{'s' * (n == 1)} and {'was' if n == 1 else 'were'} not written by a previous "
-            "ptxseg predict "
-            f"(e.g. {foreign[0]}); choose another --out, or --overwrite to replace them"
-        )
-
-
-def clear_previous(previous: Previous | None) -> None:
-    """Remove what a previous predict recorded (and only that), so the folder never mixes
-    its masks with this run's results.csv."""
-    if previous is None:
-        return
-    for path in sorted(previous.files, key=lambda p: p.name == PREDICT_JSON):
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            path.unlink()
-
-
-@contextlib.contextmanager
-def output_lock(out: Path):
-    """Hold ``out``'s lock for the whole prediction: a second ``ptxseg predict`` into the same
-    folder is refused at once (naming the first one's pid) instead of interleaving files."""
-    try:
-        with folder_lock(out, LOCK_NAME):
-            yield
-    except FolderBusy as exc:
-        pid = f" (pid {exc.pid})" if exc.pid else ""
-        raise PtxsegError(f"{out}: is in use by another ptxseg predict{pid}") from None
+    kaggle = OutputFolder(out, "predict").inside(info.get("kaggle_csv"))
+    if kaggle is not None:
+        files.add(kaggle)
+    return files

@@ -14,10 +14,14 @@ Conventions:
   and in the ``fill`` style the whole picture is tinted;
 - the caption (a bar under the image, :func:`caption_lines`) says the finding: ``no
   pneumothorax`` on a negative, else ``PNEUMOTHORAX``, the side, the area (cm² where known,
-  pixels) and the maximum probability; with a ground truth, a legend of the two line styles.
+  pixels) and the maximum probability; with a ground truth, a legend of the two line styles;
+  and, last, :data:`RESEARCH_USE` ("research use only, not for diagnosis"), on every overlay
+  PNG a reader may take out of its context (predict's, serve's; evaluate's grids say it once
+  in their title).
 
-Text is drawn with OpenCV's Hershey font (ASCII): "cm2" for cm², and names from the data
-are never drawn into the picture (the report writes them as figure titles).
+Text is drawn with OpenCV's Hershey font (ASCII), the superscripts of "cm²" as a smaller digit
+raised above the line (:func:`put_text`), so a PNG reads as the viewer and the report write;
+names from the data are never drawn into the picture (the report writes them as figure titles).
 """
 
 from __future__ import annotations
@@ -49,7 +53,14 @@ class OverlayStyle(Choice):
 
 STYLES = OverlayStyle.values()
 
-DOUBTFUL_CM2 = "cm2 doubtful: pixel spacing too small for a chest"
+DOUBTFUL_CM2 = "cm² doubtful: pixel spacing too small for a chest"
+#: the last line of every overlay's caption
+RESEARCH_USE = "research use only, not for diagnosis"
+NOTICE_RGB = (190, 190, 190)
+#: characters drawn as a raised, smaller digit (Hershey fonts have no superscripts)
+SUPERSCRIPTS = {"\u00b2": "2", "\u00b3": "3"}
+SUPERSCRIPT_SCALE = 0.6
+FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 SIDE_WORDS = {
     "right": "patient's right",
@@ -133,7 +144,7 @@ def caption_lines(
     area_doubtful: bool = False,
 ) -> list[str]:
     """The caption's lines: ``["no pneumothorax", "max p 0.12"]`` or
-    ``["PNEUMOTHORAX, patient's right", "12.3 cm2 (4,512 px), max p 0.97"]``; with
+    ``["PNEUMOTHORAX, patient's right", "12.3 cm² (4,512 px), max p 0.97"]``; with
     ``area_doubtful`` (a pixel spacing too small for a chest) a third line says that the cm²
     are doubtful."""
     prob = "" if max_prob is None else f"max p {max_prob:.2f}"
@@ -144,7 +155,7 @@ def caption_lines(
         head += f", {SIDE_WORDS[side]}"
     parts = []
     if area_cm2 is not None:
-        parts.append(f"{area_cm2:.1f} cm2" + (f" ({area_px:,} px)" if area_px is not None else ""))
+        parts.append(f"{area_cm2:.1f} cm²" + (f" ({area_px:,} px)" if area_px is not None else ""))
     elif area_px is not None:
         parts.append(f"{area_px:,} px")
     if prob:
@@ -163,20 +174,54 @@ def caption_for(measures: LesionMeasures) -> list[str]:
     )
 
 
+def _runs(text: str) -> list[tuple[str, bool]]:
+    """``text`` cut into runs of ordinary characters and of superscripts (as their digits)."""
+    runs: list[tuple[str, bool]] = []
+    for ch in text:
+        sup = ch in SUPERSCRIPTS
+        ch = SUPERSCRIPTS.get(ch, ch)
+        if runs and runs[-1][1] == sup:
+            runs[-1] = (runs[-1][0] + ch, sup)
+        else:
+            runs.append((ch, sup))
+    return runs
+
+
+def text_width(text: str, scale: float, thickness: int) -> int:
+    """The width :func:`put_text` draws ``text`` in, superscripts included."""
+    return sum(
+        cv2.getTextSize(run, FONT, scale * (SUPERSCRIPT_SCALE if sup else 1.0), thickness)[0][0]
+        for run, sup in _runs(text)
+    )
+
+
+def put_text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, color,
+             thickness: int) -> None:
+    """``cv2.putText`` of ``text`` at ``org`` (its baseline's left end), each superscript
+    (:data:`SUPERSCRIPTS`: ``cm²``) a smaller digit whose top is the top of the line."""
+    x, y = org
+    (_, cap), _ = cv2.getTextSize("M", FONT, scale, thickness)
+    for run, sup in _runs(text):
+        s = scale * (SUPERSCRIPT_SCALE if sup else 1.0)
+        (w, h), _ = cv2.getTextSize(run, FONT, s, thickness)
+        cv2.putText(img, run, (x, y - (cap - h) if sup else y), FONT, s, color, thickness,
+                    cv2.LINE_AA)  # fmt: skip
+        x += w
+
+
 def _fit_scale(text: str, width: int, scale: float, thickness: int) -> float:
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    (tw, _), _ = cv2.getTextSize(text, font, scale, thickness)
+    tw = text_width(text, scale, thickness)
     return scale if tw <= width else scale * width / tw
 
 
-def _caption_bar(width: int, lines: list[str], legend: bool) -> np.ndarray:
-    """A dark bar ``width`` wide with the caption lines in white and, with ``legend``, a key
-    of the two line styles."""
-    font = cv2.FONT_HERSHEY_SIMPLEX
+def _caption_bar(width: int, lines: list[str], legend: bool, notice: bool = False) -> np.ndarray:
+    """A dark bar ``width`` wide with the caption lines in white, with ``legend`` a key of the
+    two line styles and, with ``notice``, :data:`RESEARCH_USE` in gray as its last line."""
+    font = FONT
     margin = max(4, width // 60)
     thickness = 1 if width < 700 else 2
     scale = max(0.4, width / 600)  # text about 1/25 of the width high
-    rows = list(lines) + (["legend"] if legend else [])
+    rows = list(lines) + (["legend"] if legend else []) + ([RESEARCH_USE] if notice else [])
     usable = width - 2 * margin
     scales = [_fit_scale(t, usable, scale, thickness) for t in lines]
     (_, th), base = cv2.getTextSize("Ag", font, scale, thickness)
@@ -187,8 +232,7 @@ def _caption_bar(width: int, lines: list[str], legend: bool) -> np.ndarray:
     for i, text in enumerate(lines):
         s = scales[i] * (1.15 if i == 0 else 1.0)
         s = min(s, _fit_scale(text, usable, s, thickness))
-        cv2.putText(bar, text, (margin, y + th), font, s, TEXT_RGB,
-                    thickness + (1 if i == 0 else 0), cv2.LINE_AA)
+        put_text(bar, text, (margin, y + th), s, TEXT_RGB, thickness + (1 if i == 0 else 0))
         y += row_h
     if legend:
         lw = max(2, round(width / 200))
@@ -208,6 +252,10 @@ def _caption_bar(width: int, lines: list[str], legend: bool) -> np.ndarray:
                         cv2.LINE_AA)
             (tw, _), _ = cv2.getTextSize(label, font, scale * 0.9, thickness)
             x += tw + 2 * margin
+        y += row_h
+    if notice:
+        s = _fit_scale(RESEARCH_USE, usable, scale * 0.85, thickness)
+        put_text(bar, RESEARCH_USE, (margin, y + th), s, NOTICE_RGB, thickness)
     return bar
 
 
@@ -221,6 +269,7 @@ def draw_overlay(
     max_side: int | None = None,
     legend: bool | None = None,
     min_side: int | None = None,
+    notice: bool = True,
 ) -> np.ndarray:
     """The radiograph with the prediction (vermillion, solid, tinted when ``style`` is
     ``fill``) and the ground truth (sky blue, dashed), and a caption bar under it.
@@ -236,6 +285,8 @@ def draw_overlay(
             caption drawn at a size that stays legible).
         legend: a key of the two line styles in the caption bar (default: when ``truth`` is
             given).
+        notice: end the caption with :data:`RESEARCH_USE` (a panel of a figure whose title
+            says it once: ``False``).
 
     Shape:
         - output: ``(h + bar, w, 3)`` RGB uint8
@@ -267,7 +318,7 @@ def draw_overlay(
     if caption is None:
         return rgb
     show_legend = truth is not None if legend is None else legend
-    bar = _caption_bar(rgb.shape[1], caption, legend=show_legend)
+    bar = _caption_bar(rgb.shape[1], caption, legend=show_legend, notice=notice)
     return np.vstack([rgb, bar])
 
 

@@ -94,3 +94,54 @@ def curves_figure(rows: Sequence[dict[str, float]]):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
+
+
+def plot_members(named_rows: dict[str, Sequence[dict[str, float]]], out_png: str | Path) -> None:
+    """Write ``out_png``: :func:`members_figure` of several runs' rows, atomically."""
+    fig = members_figure(named_rows)
+    try:
+        save_figure(out_png, fig)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def members_figure(named_rows: dict[str, Sequence[dict[str, float]]]):
+    """The curves of several runs in one figure (an ensemble's members, a CV folder's folds):
+    one colour per run, named in the legend; loss (train solid, val dashed) and validation IoU,
+    each run's best IoU epoch circled."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (name, rows) in enumerate(named_rows.items()):
+        color = colors[k % len(colors)]
+        epochs = [r["epoch"] for r in rows]
+        ax_loss.plot(epochs, [r["train_loss"] for r in rows], "-", color=color, lw=1.2,
+                     label=f"{name} train")
+        ax_loss.plot(epochs, [r["val_loss"] for r in rows], "--", color=color, lw=1.2,
+                     label=f"{name} val")
+        ax_iou.plot(epochs, [r["val_iou"] for r in rows], "o-", ms=3, color=color, label=name)
+        if rows:
+            best = max(rows, key=lambda r: r["val_iou"])
+            ax_iou.plot([best["epoch"]], [best["val_iou"]], "o", ms=8, mfc="none", mec=color)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("Loss (solid: train, dashed: val)")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(fontsize=7, ncol=2)
+    ax_iou.set_xlabel("epoch")
+    ax_iou.set_ylabel("pooled pixels, threshold 0.5")
+    ax_iou.set_ylim(0, 1)
+    ax_iou.set_title(f"Validation IoU of {len(named_rows)} runs (best circled)")
+    ax_iou.grid(alpha=0.3)
+    ax_iou.legend(loc="best", fontsize=8)
+    for ax in (ax_loss, ax_iou):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig

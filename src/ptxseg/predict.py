@@ -50,14 +50,14 @@ import warnings
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ptxseg.data.imageio import is_dicom
 from ptxseg.data.inputs import Inputs, collect_inputs
 from ptxseg.errors import PtxsegError, printable
-from ptxseg.fileio import atomic_open, write_json
+from ptxseg.fileio import atomic_open
 from ptxseg.image_outputs import (
     RESULTS_COLUMNS,
     ImageResult,
@@ -67,18 +67,7 @@ from ptxseg.image_outputs import (
     seg_algorithm,
 )
 from ptxseg.kaggle import KAGGLE_COLUMNS, mapped_kaggle_ids
-from ptxseg.outputs import (
-    PREDICT_JSON,
-    PROBS,
-    RESULTS_NAME,
-    OutputPlan,
-    Previous,
-    check_existing,
-    clear_previous,
-    output_lock,
-    plan_outputs,
-    previous_outputs,
-)
+from ptxseg.outputs import PROBS, RESULTS_NAME, OutputPlan, PredictFolder, plan_outputs
 from ptxseg.overlays import OverlayStyle
 from ptxseg.postprocess import PostParams
 from ptxseg.predictor import Backend, Predictor, member_sources
@@ -91,7 +80,31 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class Counts:
+    """What one prediction's ``results.csv`` holds, counted as its rows are written."""
+
+    images: int = 0  # rows
+    predicted: int = 0  # rows with a mask (``has_pneumothorax`` not empty)
+    positive: int = 0  # of those, with pneumothorax
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): status
+
+    @property
+    def unreadable(self) -> int:
+        """Rows without a mask: the file could not be read (or its header was refused)."""
+        return self.images - self.predicted
+
+    @property
+    def seg_failed(self) -> int:
+        """Rows with a mask whose DICOM SEG could not be made (their status is an error)."""
+        return len(self.errors) - self.unreadable
+
+
+@dataclass
 class PredictSummary:
+    """The counts of ``results.csv`` (``n_images`` rows, ``n_predicted`` of them with a mask,
+    ``n_positive`` of those with pneumothorax, ``errors`` the rows whose status is an error:
+    ``n_unreadable`` without a mask, ``n_seg_failed`` with a mask but no DICOM SEG)."""
+
     out: Path
     n_images: int
     n_positive: int
@@ -101,10 +114,19 @@ class PredictSummary:
     backend: str
     thresholds_source: str
     notes: list[str]
+    n_predicted: int = 0
 
     @property
     def n_errors(self) -> int:
         return len(self.errors)
+
+    @property
+    def n_unreadable(self) -> int:
+        return self.n_images - self.n_predicted
+
+    @property
+    def n_seg_failed(self) -> int:
+        return self.n_errors - self.n_unreadable
 
     @property
     def images_per_s(self) -> float:
@@ -127,23 +149,22 @@ def run_prediction(
     progress: bool = True,
     console=None,
     save_probs: bool = False,
-) -> tuple[list[tuple[str, str]], int, float]:
+) -> tuple[Counts, float]:
     """Predict every input and write the outputs (see the module doc); each failed file (an
     unreadable one, a DICOM without its SEG) is a warning, in input order. ``dicom_seg``: write
     a DICOM SEG of each DICOM input, identifying the model so
     (:func:`ptxseg.image_outputs.seg_algorithm`).
 
     Returns:
-        ``(errors, n_positive, seconds)``: ``(source, reason)`` of each failed file, and the
-        time from the first read to the last write (model loading excluded).
+        ``(counts, seconds)``: the :class:`Counts` of the rows written to results.csv, and
+        the time from the first read to the last write (model loading excluded).
     """
     writers = writers or max(2, os.cpu_count() or 1)
     max_in_flight = 2 * predictor.batch_size + 2 * writers  # memory constant in len(inputs)
     post = Post(params, Path(out), overlays, kaggle_csv is not None, kaggle_ids or {},
                 OverlayStyle.parse(overlay_style, "--overlay-style"), dicom_seg)
     entries = [(e.id, e.path) for e in inputs.entries]
-    errors: list[tuple[str, str]] = []
-    n_positive = 0
+    counts = Counts()
 
     with contextlib.ExitStack() as stack:
         res_fh = stack.enter_context(
@@ -169,14 +190,16 @@ def run_prediction(
         done = 0
 
         def emit(result: ImageResult) -> None:
-            nonlocal done, n_positive
+            nonlocal done
             results.writerow(result.row())
+            counts.images += 1
             if result.predicted:
-                n_positive += int(result.has_pneumothorax)
+                counts.predicted += 1
+                counts.positive += int(result.has_pneumothorax)
                 if kaggle is not None:
                     kaggle.writerow([result.kaggle_id, result.rle])
             if not result.ok:  # unreadable, or its DICOM SEG could not be made
-                errors.append((result.source, result.reason))
+                counts.errors.append((result.source, result.reason))
                 warnings.warn(f"{result.source}: {result.reason}", UserWarning, stacklevel=2)
             done += 1
             rate = done / max(time.perf_counter() - t0, 1e-9)
@@ -202,7 +225,7 @@ def run_prediction(
             drain(max_in_flight)
         drain(0)
         seconds = time.perf_counter() - t0
-    return errors, n_positive, seconds
+    return counts, seconds
 
 
 def write_probs(path: Path, probs: Any) -> None:
@@ -301,42 +324,27 @@ def predict(
     sources = member_sources(run, model_path, backend)
     read_files += [path for _, path in sources]
     read_files += [r.config_path for r, _ in sources if backend is Backend.TORCH]
+    folder = PredictFolder(out, overwrite=overwrite, read_files=read_files)
     plan = plan_outputs(
-        out,
+        folder,
         kaggle,
-        read_files=read_files,
         read_dirs=[p for p in collected.sources if p.is_dir()],
         ids=ids,
         overlays=overlays,
-        overwrite=overwrite,
         seg_ids=[e.id for e in collected.entries if is_dicom(e.path)] if dicom_seg else [],
         probs=save_probs,
     )
-    created = [p for p in (out, *out.parents) if not os.path.lexists(p)]
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PtxsegError(f"{out}: cannot create --out ({exc.strerror or exc})") from None
-    try:
-        with output_lock(out):
-            previous = previous_outputs(out)
-            check_existing(plan, previous, ids, overlays)
-            loaded = Predictor.from_run(
-                run, backend=backend, model=model_path, device=device, tta=tta,
-                batch_size=batch_size, workers=workers, compile=compile,
-                n_images=len(collected.entries),
-            )  # fmt: skip
-            return _predict_locked(
-                run, loaded, collected, plan, previous, t0=t0, thresholds=thresholds,
-                kaggle_ids=kaggle_ids, overlays=overlays, overlay_style=overlay_style,
-                dicom_seg=dicom_seg, progress=progress, console=console,
-                save_probs=save_probs,
-            )  # fmt: skip
-    except BaseException:
-        for path in created:  # a new --out that holds nothing yet is removed again
-            with contextlib.suppress(OSError):
-                path.rmdir()
-        raise
+    with folder.hold(plan.files(ids, overlays)):
+        loaded = Predictor.from_run(
+            run, backend=backend, model=model_path, device=device, tta=tta,
+            batch_size=batch_size, workers=workers, compile=compile,
+            n_images=len(collected.entries),
+        )  # fmt: skip
+        return _predict_locked(
+            run, loaded, collected, plan, folder, t0=t0, thresholds=thresholds,
+            kaggle_ids=kaggle_ids, overlays=overlays, overlay_style=overlay_style,
+            dicom_seg=dicom_seg, progress=progress, console=console, save_probs=save_probs,
+        )  # fmt: skip
 
 
 def _predict_locked(
@@ -344,7 +352,7 @@ def _predict_locked(
     predictor: Predictor,
     collected: Inputs,
     plan: OutputPlan,
-    previous: Previous | None,
+    folder: PredictFolder,
     *,
     t0: float,
     thresholds,
@@ -392,10 +400,10 @@ def _predict_locked(
     )  # fmt: skip
     # the folder holds this run's outputs only: the previous predict's go first, and the ids
     # are recorded before any mask is written, so an interrupted run is cleared by the next
-    clear_previous(previous)
-    write_json(out / PREDICT_JSON, {**record, "status": "running", "overlays": overlays,
-                                    "ids": ids})  # fmt: skip
-    errors, n_positive, loop_seconds = run_prediction(
+    folder.start(plan.files(ids, overlays), {
+        **record, "overlays": overlays, "kaggle_csv": plan.kaggle_name(), "ids": ids,
+    })  # fmt: skip
+    counts, loop_seconds = run_prediction(
         predictor,
         collected,
         out,
@@ -412,27 +420,24 @@ def _predict_locked(
     seconds = time.perf_counter() - t0
     summary = PredictSummary(
         out=out,
-        n_images=len(collected.entries),
-        n_positive=n_positive,
-        errors=errors,
+        n_images=counts.images,
+        n_positive=counts.positive,
+        errors=counts.errors,
         seconds=seconds,
         loop_seconds=loop_seconds,
         backend=predictor.description,
         thresholds_source=rule.source,
-        notes=collected.notes,
+        notes=list(collected.notes),
+        n_predicted=counts.predicted,
     )
-    write_json(
-        out / PREDICT_JSON,
-        {
-            **record,
-            "status": "done",
-            "images": summary.n_images,
-            "positive": n_positive,
-            "errors": summary.n_errors,
-            "seconds": round(seconds, 3),
-            "images_per_s": round(summary.images_per_s, 3),
-            "overlays": overlays,
-            "ids": ids,
-        },
-    )
+    change = folder.finish({
+        "images": counts.images,
+        "predicted": counts.predicted,
+        "positive": counts.positive,
+        "errors": summary.n_errors,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(summary.images_per_s, 3),
+    })  # fmt: skip
+    if change is not None:
+        summary.notes.append(change)
     return summary

@@ -185,17 +185,36 @@ table.cm th{background:#f4f4f4;font-weight:normal}
 """
 
 
-def _train_ids_note(metrics: dict[str, Any], run: Run) -> list[str]:
-    """A warning paragraph when evaluated images are in the run's training split."""
-    n = metrics.get("n_train_ids")
-    if not n:
-        return []
-    return [
-        f"<p class='warn'>{n:,} of the {metrics['n_images']:,} images (n_train_ids) have the "
-        f"ids of the run's training images (<code>{html.escape(str(run.split_path))}</code>)"
-        ": if they are the same images, their metrics are optimistic. Evaluate with "
-        "<code>--split val</code> for the validation images only.</p>"
-    ]
+def _optimistic_notes(metrics: dict[str, Any]) -> list[str]:
+    """A warning paragraph for each reason the scores are optimistic (``optimistic`` of
+    metrics.json: evaluated images the model trained on, or the thresholds were tuned on)."""
+    notes = metrics.get("optimistic")
+    return [f"<p class='warn'>Optimistic scores: {html.escape(str(note))}.</p>"
+            for note in (notes if isinstance(notes, list) else [])]  # fmt: skip
+
+
+def model_sentence(metrics: dict[str, Any], run: Run) -> str:
+    """What the model is, in words: one checkpoint, an ensemble of a CV folder's K folds or of
+    N models (the mean of their probabilities), or the folds out of fold."""
+    members = metrics.get("members")
+    members = [str(m) for m in members] if isinstance(members, list) else []
+    oof = metrics.get("out_of_fold")
+    if isinstance(oof, dict):
+        return (
+            f"Model: the {len(members)} folds of <code>{html.escape(str(run))}</code> out of "
+            "fold: each image predicted by the one fold that did not train on it."
+        )
+    if len(members) > 1:
+        from ptxseg.cv import is_cv_dir
+
+        what = (f"an ensemble of the {len(members)} folds of the CV folder "
+                f"<code>{html.escape(str(run))}</code>" if is_cv_dir(run.path)
+                else f"an ensemble of {len(members)} models")  # fmt: skip
+        listed = ", ".join(f"<code>{html.escape(m)}</code>" for m in members)
+        return f"Model: {what} (the mean of their probabilities): {listed}."
+    if members:
+        return f"Model: <code>{html.escape(members[0])}</code>."
+    return ""
 
 
 def _thresholds_sentence(thresholds_path: Path, thr_obj: Any) -> str:
@@ -204,10 +223,12 @@ def _thresholds_sentence(thresholds_path: Path, thr_obj: Any) -> str:
     text = f"<p>From <code>{e(str(thresholds_path))}</code>"
     if isinstance(thr_obj, dict) and "objective" in thr_obj:
         n = thr_obj.get("n_images")
+        where = ("images, each predicted out of fold" if "out_of_fold" in thr_obj
+                 else "validation images")  # fmt: skip
         text += (
             f": chosen to maximise {e(str(thr_obj.get('objective')))} = "
             f"{e(_fmt(thr_obj.get('score')))}"
-            + (f" on {e(_fmt(n))} validation images" if n is not None else "")
+            + (f" on {e(_fmt(n))} {where}" if n is not None else "")
         )
     return text + ".</p>"
 
@@ -235,12 +256,14 @@ def write_report(
     """One self-contained page: metrics, confusion matrix, training curves, post-processing,
     overlays."""
     e = html.escape
+    kind = "out-of-fold evaluation" if "out_of_fold" in metrics else "evaluation"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>ptxseg evaluation: {e(run.path.name)}</title>",
+        f"<title>ptxseg {kind}: {e(run.path.name)}</title>",
         f"<style>{CSS}</style></head><body>",
-        f"<h1>ptxseg evaluation of <code>{e(str(run))}</code></h1>",
+        f"<h1>ptxseg {kind} of <code>{e(str(run))}</code></h1>",
+        f"<p>{model_sentence(metrics, run)}</p>",
         "<p>"
         f"Data: <code>{e(str(metrics.get('data', '')))}</code> "
         f"(layout {e(str(metrics.get('layout', '')))}, split {e(str(metrics.get('split', '')))})"
@@ -248,7 +271,7 @@ def write_report(
         f"Compared at {e(str(metrics.get('compared_at', '')))} resolution "
         f"(model {e(str(metrics.get('size', '')))} px), TTA {e(str(metrics.get('tta', '')))}."
         "</p>",
-        *_train_ids_note(metrics, run),
+        *_optimistic_notes(metrics),
         "<h2>Metrics</h2>",
         "<p class='muted'>pooled: one confusion matrix over all pixels of all images (the "
         "paper's metrics; f1 is the pooled Dice). per_image: SIIM-ACR mean Dice (an empty "
@@ -272,9 +295,11 @@ def write_report(
     if curves_png is not None:
         parts.append(_img(_data_uri_png(curves_png), "training curves"))
     else:
-        parts.append(
-            f"<p class='muted'>No training curves (no usable {e(str(run.metrics_path))}).</p>"
-        )
+        from ptxseg.cv import is_cv_dir
+
+        where = (f"{e(str(run.path))}/fold-*/{e(run.metrics_path.name)}" if is_cv_dir(run.path)
+                 else e(str(run.metrics_path)))  # fmt: skip
+        parts.append(f"<p class='muted'>No training curves (no usable {where}).</p>")
 
     parts.append("<h2>Post-processing</h2>")
     th = metrics.get("thresholds", {})

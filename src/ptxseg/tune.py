@@ -28,7 +28,7 @@ Kaggle objective is tuned on a validation split without any pneumothorax.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from ptxseg.choices import Choice
-from ptxseg.metrics import dice_scores, iou_scores
+from ptxseg.metrics import ImageStats, dice_scores, iou_scores
 from ptxseg.postprocess import CONNECTIVITY, Mode, PostParams, save_params
 
 #: below the paper's lowest grid value (0.05), where its optimum sat, and up to 0.95
@@ -48,8 +48,27 @@ THRESHOLDS: tuple[float, ...] = (0.01, 0.02, 0.03, 0.04) + tuple(
 #: model's input by :func:`areas_for`)
 AREAS: tuple[int, ...] = (0, 256, 512, 1024, 2048, 4096)
 AREA_REFERENCE_SIZE = 512
+#: ``--grid wide``: thresholds down to 0.001 and up to 0.999, removal areas up to 16384 px
+#: of a 512 px input (6 % of the image), for a rule that the default grid puts on its edge
+WIDE_THRESHOLDS: tuple[float, ...] = (0.001, 0.002, 0.005, *THRESHOLDS, 0.96, 0.97, 0.98,
+                                      0.99, 0.995, 0.999)  # fmt: skip
+WIDE_AREAS: tuple[int, ...] = (*AREAS, 8192, 16384)
 #: below this pooled IoU on the validation split the chosen rule is not meaningful
 NEAR_ZERO = 0.05
+
+
+class Grid(Choice):
+    """The grid searched (``--grid``): ``default`` (:data:`THRESHOLDS` x :data:`AREAS`) or
+    ``wide`` (:data:`WIDE_THRESHOLDS` x :data:`WIDE_AREAS`)."""
+
+    DEFAULT = "default"
+    WIDE = "wide"
+
+    def values_at(self, size: int) -> tuple[tuple[float, ...], tuple[int, ...]]:
+        """The thresholds and the removal areas in pixels of a ``size`` px input."""
+        if self is Grid.WIDE:
+            return WIDE_THRESHOLDS, areas_for(size, WIDE_AREAS)
+        return THRESHOLDS, areas_for(size)
 
 
 class Objective(Choice):
@@ -60,12 +79,12 @@ class Objective(Choice):
     KAGGLE = "kaggle"
 
 
-def areas_for(size: int) -> tuple[int, ...]:
-    """The removal-area grid in pixels of a ``size`` x ``size`` model input: :data:`AREAS` as
-    the same fractions of the image (``AREAS * size**2 / 512**2``, rounded; duplicates
-    dropped). At 512 px it is :data:`AREAS` itself."""
+def areas_for(size: int, areas: tuple[int, ...] = AREAS) -> tuple[int, ...]:
+    """The removal-area grid in pixels of a ``size`` x ``size`` model input: ``areas`` (pixels
+    of a 512 px input, :data:`AREAS`) as the same fractions of the image (``areas * size**2 /
+    512**2``, rounded; duplicates dropped). At 512 px it is ``areas`` itself."""
     scale = (size * size) / float(AREA_REFERENCE_SIZE * AREA_REFERENCE_SIZE)
-    return tuple(dict.fromkeys(int(round(a * scale)) for a in AREAS))
+    return tuple(dict.fromkeys(int(round(a * scale)) for a in areas))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,8 +161,11 @@ class GridStats:
     pred: list[np.ndarray] = field(default_factory=list)
     tp: list[np.ndarray] = field(default_factory=list)
     true_area: list[int] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)  # each image's id ("" when not given)
+    pixels: list[int] = field(default_factory=list)  # each map's pixel count
+    max_prob: list[float] = field(default_factory=list)  # each map's maximum
 
-    def add(self, probs: np.ndarray, gt: np.ndarray) -> None:
+    def add(self, probs: np.ndarray, gt: np.ndarray, ident: str = "") -> None:
         """Reduce one (probability map, ground truth) pair to its grid counts."""
         if probs.shape != gt.shape:
             raise ValueError(f"probabilities {probs.shape} and mask {gt.shape} differ in shape")
@@ -151,6 +173,9 @@ class GridStats:
         self.pred.append(pred)
         self.tp.append(tp)
         self.true_area.append(int(np.count_nonzero(gt)))
+        self.ids.append(ident)
+        self.pixels.append(int(probs.size))
+        self.max_prob.append(float(probs.max()) if probs.size else 0.0)
 
     def __len__(self) -> int:
         return len(self.true_area)
@@ -175,6 +200,10 @@ class TuneResult:
     score: float
     columns: list[str]
     rows: list[list[Any]]
+    #: a CV folder's out-of-fold evaluation under ``params`` (its metrics.json), and where
+    #: its report is
+    evaluation: dict[str, Any] | None = None
+    report: Path | None = None
 
 
 def _objective(tp: np.ndarray, pred: np.ndarray, true_area: np.ndarray, objective: str):
@@ -262,6 +291,19 @@ def chosen_counts(stats: GridStats, params: PostParams) -> tuple[np.ndarray, np.
     return np.where(positive, pred[:, k, a0], 0), np.where(positive, tp[:, k, a0], 0)
 
 
+def chosen_image_stats(stats: GridStats, params: PostParams) -> list[ImageStats]:
+    """Each image's :class:`~ptxseg.metrics.ImageStats` under ``params`` (a grid point), at
+    model resolution: the counts of :func:`chosen_counts`, no second prediction."""
+    pred, tp = chosen_counts(stats, params)
+    out = []
+    for i, ident in enumerate(stats.ids):
+        p, t, true = int(pred[i]), int(tp[i]), int(stats.true_area[i])
+        fp, fn = p - t, true - t
+        out.append(ImageStats(ident, t, fp, fn, stats.pixels[i] - t - fp - fn,
+                              stats.max_prob[i]))  # fmt: skip
+    return out
+
+
 def pooled_iou(stats: GridStats, params: PostParams) -> float | None:
     """Pooled IoU of ``params`` over the images of ``stats`` (``None`` without any lesion)."""
     pred, tp = chosen_counts(stats, params)
@@ -291,6 +333,44 @@ def tune_warnings(
     return []
 
 
+def edge_note(result: TuneResult, grid: Grid = Grid.DEFAULT) -> str | None:
+    """One line when the chosen rule lies on the edge of the grid and scores strictly better
+    than its inner neighbour (the best may lie beyond the grid): a threshold that is the
+    lowest or the highest searched, or an area that is the largest (area 0 is no removal:
+    nothing lies below it). ``None`` otherwise, also on a plateau (a tie with the neighbour).
+    """
+    chosen = result.params.to_dict()
+    names = result.columns[:-1]
+    words = {"binary_threshold": "threshold", "top_threshold": "top threshold",
+             "bottom_threshold": "bottom threshold", "removal_area": "removal area",
+             "min_area": "minimum area"}  # fmt: skip
+    score = {tuple(row[:-1]): row[-1] for row in result.rows}
+    here = tuple(chosen[n] for n in names)
+    for k, name in enumerate(names):
+        values = sorted({row[k] for row in result.rows})
+        v = chosen[name]
+        area = "area" in name
+        ends = [(values[-1], values[-2] if len(values) > 1 else None, "largest" if area
+                 else "highest")]  # fmt: skip
+        if not area:
+            ends.append((values[0], values[1] if len(values) > 1 else None, "lowest"))
+        for end, inner, what in ends:
+            neighbour = score.get((*here[:k], inner, *here[k + 1:]))
+            if v != end or neighbour is None or not score[here] > neighbour:
+                continue
+            shown = f"{v:g}" if not area else f"{v} px"
+            wider = (
+                "run tune again with --grid wide (thresholds 0.001-0.999, removal areas up to "
+                f"{WIDE_AREAS[-1]} px of a {AREA_REFERENCE_SIZE} px input)"
+                if grid is not Grid.WIDE else "it is the edge of the wide grid too"
+            )
+            return (
+                f"the chosen {words.get(name, name)} {shown} is the {what} of the grid and "
+                f"scores above its neighbour {inner:g}: the best may lie beyond it; {wider}"
+            )
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # out-of-fold statistics
 
@@ -309,9 +389,8 @@ def pool_grid_stats(per_fold: Sequence[GridStats]) -> GridStats:
     for i, stats in enumerate(per_fold):
         if tuple(stats.thresholds) != pooled.thresholds or tuple(stats.areas) != pooled.areas:
             raise ValueError(f"fold {i} was counted on another grid than fold 0")
-        pooled.pred.extend(stats.pred)
-        pooled.tp.extend(stats.tp)
-        pooled.true_area.extend(stats.true_area)
+        for name in ("pred", "tp", "true_area", "ids", "pixels", "max_prob"):
+            getattr(pooled, name).extend(getattr(stats, name))
     return pooled
 
 
@@ -319,21 +398,33 @@ def pool_grid_stats(per_fold: Sequence[GridStats]) -> GridStats:
 # the command
 
 
-def _grid_stats(predictor, records, progress: str | None) -> GridStats:
-    """The grid statistics of ``records`` predicted once at model resolution."""
+def _say(progress: bool, text: str) -> None:
+    """A stage line on stderr (with ``progress``): what tune is doing before each long step."""
+    if progress:
+        from ptxseg.progress import log_line
+
+        log_line(f"tune: {text}")
+
+
+def _grid_stats(predictor, records, progress: str | None, grid: Grid = Grid.DEFAULT) -> GridStats:
+    """The grid statistics of ``records`` predicted once at model resolution (each image's id,
+    pixel count and maximum probability kept)."""
     from ptxseg.evaluate import iter_predictions
 
-    stats = GridStats(areas=areas_for(predictor.size))
+    thresholds, areas = Grid.parse(grid, "--grid").values_at(predictor.size)
+    stats = GridStats(thresholds=thresholds, areas=areas)
     for pred in iter_predictions(predictor, records, at="model", progress=progress):
-        stats.add(pred.probs, pred.gt)
+        stats.add(pred.probs, pred.gt, pred.record.id)
     return stats
 
 
 def _choose(
-    stats: GridStats, *, objective: Objective, mode: Mode, size: int, where: str, what: str
+    stats: GridStats, *, objective: Objective, mode: Mode, size: int, where: str, what: str,
+    grid: Grid = Grid.DEFAULT, progress: bool = False,
 ) -> tuple[TuneResult, list[str]]:
-    """Search ``stats``: the result and its warnings; ``where`` names what a refusal is about
-    (a file), ``what`` the images tuned on.
+    """Search ``stats``: the result and its warnings (:func:`tune_warnings`; else the
+    :func:`edge_note`); ``where`` names what a refusal is about (a file), ``what`` the images
+    tuned on.
 
     Raises:
         PtxsegError: the IoU objective on images without any pneumothorax.
@@ -346,15 +437,75 @@ def _choose(
             f"{where}: the {len(stats)} validation images have no pneumothorax, so "
             "pooled IoU is undefined for every threshold; use --objective kaggle"
         )
+    shape = (f"{len(stats.thresholds)} thresholds x {len(stats.areas)} removal areas"
+             if mode is Mode.PIXEL else f"top x min area x bottom of {len(stats.thresholds)} "
+             f"thresholds and {len(stats.areas)} areas")  # fmt: skip
+    _say(progress, f"searching {shape} ({grid} grid, objective {objective}) on {len(stats)} "
+                   "images")  # fmt: skip
     result = search(stats, mode=mode, objective=objective, size=size)
-    return result, tune_warnings(stats, result, n_positive, what)
+    notes = tune_warnings(stats, result, n_positive, what)
+    edge = edge_note(result, grid) if not notes else None  # a rule that means nothing: no edge
+    return result, notes + ([edge] if edge else [])
+
+
+def _refuse_iou_without_lesions(records, objective: Objective, where: Path) -> None:
+    """The refusal of :func:`_choose` before the model runs, where the records' labels are
+    known (read from their masks): IoU on validation images without any pneumothorax."""
+    from ptxseg.errors import PtxsegError
+
+    labels = [r.has_pneumothorax for r in records]
+    if objective is Objective.IOU and labels and not any(labels) and None not in labels:
+        raise PtxsegError(
+            f"{where}: the {len(records)} validation images have no pneumothorax, so "
+            "pooled IoU is undefined for every threshold; use --objective kaggle"
+        )
+
+
+def check_thresholds_file(path: Path, overwrite: bool = False) -> str | None:
+    """tune's rule for the file it writes, checked before the model loads: a
+    ``thresholds.json`` that a tune wrote (it records its ``objective`` and ``grid``) is
+    replaced; any other (a hand-written rule, something else of that name) only with
+    ``overwrite``. Returns the rule it holds in words, for the line that says it was
+    replaced (``None``: no file, or one without a readable rule).
+
+    Raises:
+        PtxsegError: the file is not tune's and not ``overwrite``, or it is not a regular file.
+    """
+    import json
+    import os
+
+    from ptxseg.errors import DataError, PtxsegError
+    from ptxseg.fileio import not_regular, read_text
+    from ptxseg.postprocess import params_from_dict
+
+    if not os.path.lexists(path):
+        return None
+    kind = not_regular(path)
+    if kind is not None:
+        raise PtxsegError(f"{path}: is {kind}, not a thresholds file; tune cannot write it")
+    try:
+        obj = json.loads(read_text(path, "thresholds file"))
+    except (DataError, ValueError):
+        obj = None
+    if not (isinstance(obj, dict) and "objective" in obj and "grid" in obj) and not overwrite:
+        raise PtxsegError(
+            f"{path}: exists and was not written by ptxseg tune (a hand-written rule?); "
+            "refusing to replace it (--overwrite to replace it)"
+        )
+    try:
+        return params_from_dict(obj, str(path)).describe()
+    except (DataError, ValueError, TypeError):
+        return None
 
 
 def _save(
-    path: Path, stats: GridStats, result: TuneResult, notes: list[str], extra: dict[str, Any]
+    path: Path, stats: GridStats, result: TuneResult, notes: list[str], extra: dict[str, Any],
+    grid: Grid = Grid.DEFAULT,
 ) -> None:
-    """Write the thresholds file (the rule, the search, ``extra``) and warn."""
+    """Write the thresholds file (the rule, the search, the ids tuned on, ``extra``) and
+    warn."""
     size = result.params.size
+    base = WIDE_AREAS if grid is Grid.WIDE else AREAS
     save_params(result.params, path, extra={
         "objective": result.objective,
         "score": result.score,
@@ -362,16 +513,26 @@ def _save(
         "n_positive": stats.n_positive,
         **extra,
         "warnings": notes,
+        "search_grid": str(grid),
         "area_grid": {
             "areas": list(stats.areas),
             "size": size,
-            "rule": f"removal areas {', '.join(map(str, AREAS))} px of a "
-            f"{AREA_REFERENCE_SIZE} px input, as the same fractions of this {size} px input",
+            "rule": f"removal areas {', '.join(map(str, base))} px of a {AREA_REFERENCE_SIZE} "
+            f"px input, as the same fractions of this {size} px input",
         },
         "grid": {"columns": result.columns, "rows": result.rows},
+        # what evaluate compares its images with: a score on them is optimistic
+        "tuned_ids": sorted(i for i in stats.ids if i),
     })  # fmt: skip
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=3)
+
+
+def _replaced(path: Path, previous: str | None, result: TuneResult) -> str | None:
+    """The line that says a previous tune's rule was replaced (``None``: there was none)."""
+    if previous is None:
+        return None
+    return f"{path}: replaced the previous tune's rule ({previous}) with {result.params.describe()}"
 
 
 def tune_run(
@@ -387,11 +548,14 @@ def tune_run(
     rle: str | Path | None = None,
     backend: str = "torch",
     device: str = "auto",
+    grid: str | Grid = Grid.DEFAULT,
+    overwrite: bool = False,
+    announce: Callable[[str], None] | None = None,
 ) -> tuple[Path, TuneResult]:
     """Predict the run's validation split once and write the run's thresholds file.
 
     The removal areas searched are :func:`areas_for` the model's input size (recorded in
-    ``thresholds.json`` as ``area_grid``).
+    ``thresholds.json`` as ``area_grid``), the images' ids as ``tuned_ids``.
 
     Args:
         run: a run folder (its checkpoint or, with ``backend="onnx"``, its export; its split).
@@ -401,31 +565,45 @@ def tune_run(
         mode: ``pixel`` (threshold + removal area) or ``triplet``.
         tta: recorded in thresholds.json; with batch_size, backend and device: how the model
             runs (:class:`ptxseg.predictor.Predictor`).
-        progress: show a progress bar.
+        progress: stage lines and a progress bar on stderr.
         rle: the run-length CSV of a siim folder (``--rle``; default: the run's recorded one).
+        grid: ``default`` or ``wide`` (:class:`Grid`).
+        overwrite: replace a ``thresholds.json`` that no tune wrote
+            (:func:`check_thresholds_file`).
+        announce: called with the line that says a previous tune's rule was replaced.
 
     Returns:
         the path written and the search result.
 
     Warns:
-        UserWarning: see :func:`tune_warnings` (also written to ``thresholds.json``).
+        UserWarning: see :func:`tune_warnings` and :func:`edge_note` (also written to
+            ``thresholds.json``).
     """
     from ptxseg.predictor import Predictor
     from ptxseg.run import Run, Split
 
     objective, mode = Objective.parse(objective, "--objective"), Mode.parse(mode, "--mode")
+    grid = Grid.parse(grid, "--grid")
     run = Run.open(run)
+    previous = check_thresholds_file(run.thresholds_path, overwrite)
+    records, data_root, used_layout = run.records(data, layout, Split.VAL, rle)
+    _refuse_iou_without_lesions(records, objective, run.split_path)  # before 22 s of work
     predictor = Predictor.from_run(
         run, backend=backend, device=device, tta=tta, batch_size=batch_size
     )
-    records, data_root, used_layout = run.records(data, layout, Split.VAL, rle)
-    stats = _grid_stats(predictor, records, "Predicting validation split" if progress else None)
+    _say(progress, f"{run.path}: predicting its {len(records)} validation images "
+                   f"({run.split_path}) with {predictor.description}")  # fmt: skip
+    stats = _grid_stats(predictor, records, "Predicting validation split" if progress else None,
+                        grid)  # fmt: skip
     result, notes = _choose(
         stats, objective=objective, mode=mode, size=predictor.size, where=str(run.split_path),
-        what="the validation split",
+        what="the validation split", grid=grid, progress=progress,
     )  # fmt: skip
     extra = {"data": str(data_root), "layout": used_layout, "tta": predictor.tta}
-    _save(run.thresholds_path, stats, result, notes, extra)
+    _save(run.thresholds_path, stats, result, notes, extra, grid)
+    line = _replaced(run.thresholds_path, previous, result)
+    if line is not None and announce is not None:
+        announce(line)
     return run.thresholds_path, result
 
 
@@ -442,77 +620,176 @@ def tune_cv(
     rle: str | Path | None = None,
     backend: str = "torch",
     device: str = "auto",
+    grid: str | Grid = Grid.DEFAULT,
+    overwrite: bool = False,
+    announce: Callable[[str], None] | None = None,
 ) -> tuple[Path, TuneResult]:
-    """Choose the post-processing of a CV folder on its out-of-fold predictions and write
-    ``CV/thresholds.json`` (what ``evaluate``/``predict`` of the CV's ensemble apply).
+    """Choose the post-processing of a CV folder on its out-of-fold predictions, write
+    ``CV/thresholds.json`` (what ``evaluate``/``predict`` of the CV's ensemble apply) and the
+    out-of-fold report ``CV/out_of_fold/`` (:func:`write_out_of_fold`).
 
     Each fold's model predicts its own validation images only (the fold of ``cv.json`` its
     run validated on), so every image is predicted once, by the model that did not train on
     it; the folds' grid statistics are pooled (:func:`pool_grid_stats`) and searched as one
     set, as :func:`tune_run` searches one split. The file records the folds' image counts and
     each fold's pooled IoU under the chosen rule (``out_of_fold``). Arguments as
-    :func:`tune_run`; ``data``: default, the dataset the folds recorded.
+    :func:`tune_run`; ``data``: default, the dataset the folds recorded; ``overwrite`` also
+    replaces files in ``CV/out_of_fold/`` that no tune wrote.
 
     Raises:
         RunDirError: not a CV folder, a fold not trained, a fold whose ``split.csv`` does not
             validate on its fold of ``cv.json``.
 
     Warns:
-        UserWarning: see :func:`tune_warnings` (also written to ``thresholds.json``).
+        UserWarning: see :func:`tune_warnings` and :func:`edge_note` (also written to
+            ``thresholds.json``).
     """
     from ptxseg.cv import MANIFEST, trained_folds
     from ptxseg.errors import RunDirError
+    from ptxseg.evaluate import OUT_OF_FOLD, REPORT_HTML, output_files
+    from ptxseg.output_folder import OutputFolder
     from ptxseg.predictor import Predictor
     from ptxseg.run import Run, Split
 
     objective, mode = Objective.parse(objective, "--objective"), Mode.parse(mode, "--mode")
+    grid = Grid.parse(grid, "--grid")
     manifest, runs = trained_folds(cv_dir)
     where = Path(cv_dir) / MANIFEST
+    thresholds_path = Run(cv_dir).thresholds_path
+    previous = check_thresholds_file(thresholds_path, overwrite)
     # the dataset is read once; each fold predicts its own fold of it
     all_records, data_root, used_layout = runs[0].records(data, layout, Split.ALL, rle)
     by_id = {r.id: r for r in all_records}
-    per_fold: list[GridStats] = []
-    size, tta_used = None, str(tta)
-    for i, run in enumerate(runs):  # each fold's split.csv checked by trained_folds
-        missing = [ident for ident in manifest.val_ids(i) if ident not in by_id]
-        if missing:
-            raise RunDirError(
-                f"{where}: fold {i}'s image {missing[0]} is not in {data_root} "
-                f"({len(missing)} missing)"
+    report = OutputFolder(Path(cv_dir) / OUT_OF_FOLD, "tune", overwrite=overwrite,
+                          read_files=[r.image for r in all_records])  # fmt: skip
+    files = output_files(report.out)
+    report.check(files)
+    with report.hold(files):
+        per_fold: list[GridStats] = []
+        predictors = []
+        size, tta_used = None, str(tta)
+        for i, run in enumerate(runs):  # each fold's split.csv checked by trained_folds
+            missing = [ident for ident in manifest.val_ids(i) if ident not in by_id]
+            if missing:
+                raise RunDirError(
+                    f"{where}: fold {i}'s image {missing[0]} is not in {data_root} "
+                    f"({len(missing)} missing)"
+                )
+            records = sorted((by_id[ident] for ident in manifest.val_ids(i)),
+                             key=lambda r: r.id)  # fmt: skip
+            predictor = Predictor.from_run(
+                run, backend=backend, device=device, tta=tta, batch_size=batch_size
             )
-        predictor = Predictor.from_run(
-            run, backend=backend, device=device, tta=tta, batch_size=batch_size
-        )
-        if size is not None and predictor.size != size:
-            raise RunDirError(
-                f"{cv_dir}: the folds' models take different input sizes ({manifest.folds[0]} "
-                f"{size} px, {manifest.folds[i]} {predictor.size} px)"
-            )
-        size = predictor.size
-        records = sorted((by_id[ident] for ident in manifest.val_ids(i)), key=lambda r: r.id)
-        text = f"Fold {i}: predicting its validation images" if progress else None
-        per_fold.append(_grid_stats(predictor, records, text))
-        tta_used = predictor.tta
-    stats = pool_grid_stats(per_fold)
-    what = f"the out-of-fold predictions of the {manifest.k} folds"
-    result, notes = _choose(
-        stats, objective=objective, mode=mode, size=size, where=str(where), what=what
-    )
-    folds = [
-        {
-            "run": manifest.folds[i],
-            "n_images": len(fold_stats),
-            "n_positive": fold_stats.n_positive,
-            "pooled_iou": pooled_iou(fold_stats, result.params),
+            _say(progress, f"fold {i} of {manifest.k}: {run.path} predicts its "
+                           f"{len(records)} validation images")  # fmt: skip
+            if size is not None and predictor.size != size:
+                raise RunDirError(
+                    f"{cv_dir}: the folds' models take different input sizes "
+                    f"({manifest.folds[0]} {size} px, {manifest.folds[i]} {predictor.size} px)"
+                )
+            size = predictor.size
+            text = f"Fold {i}: predicting its validation images" if progress else None
+            per_fold.append(_grid_stats(predictor, records, text, grid))
+            predictors.append(predictor)
+            tta_used = predictor.tta
+        stats = pool_grid_stats(per_fold)
+        what = f"the out-of-fold predictions of the {manifest.k} folds"
+        result, notes = _choose(
+            stats, objective=objective, mode=mode, size=size, where=str(where), what=what,
+            grid=grid, progress=progress,
+        )  # fmt: skip
+        folds = [
+            {
+                "run": manifest.folds[i],
+                "n_images": len(fold_stats),
+                "n_positive": fold_stats.n_positive,
+                "pooled_iou": pooled_iou(fold_stats, result.params),
+            }
+            for i, fold_stats in enumerate(per_fold)
+        ]
+        extra = {
+            "data": str(data_root),
+            "layout": used_layout,
+            "tta": tta_used,
+            "out_of_fold": {"k": manifest.k, "folds": folds},
         }
-        for i, fold_stats in enumerate(per_fold)
-    ]
-    extra = {
-        "data": str(data_root),
-        "layout": used_layout,
-        "tta": tta_used,
-        "out_of_fold": {"k": manifest.k, "folds": folds},
+        _save(thresholds_path, stats, result, notes, extra, grid)
+        _say(progress, f"writing the out-of-fold report into {report.out}")
+        result.evaluation = write_out_of_fold(report, Run(cv_dir), runs, predictors, per_fold,
+                                              by_id, result, thresholds_path, extra)
+        result.report = report.out / REPORT_HTML
+        change = report.finish()
+    for line in (_replaced(thresholds_path, previous, result), change):
+        if line is not None and announce is not None:
+            announce(line)
+    return thresholds_path, result
+
+
+def write_out_of_fold(folder, cv_run, runs, predictors, per_fold: Sequence[GridStats], by_id,
+                      result: TuneResult, thresholds_path: Path,
+                      extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The out-of-fold report, evaluate's files in ``CV/out_of_fold/`` (``folder``, held):
+    metrics.json, per_image.csv, the confusion matrix, the best / worst / random cases (each
+    predicted again by its fold), the folds' training curves, the grid heatmap and
+    report.html. Every image is scored at model resolution under the chosen rule from the
+    grid counts (no second pass); the rule was chosen on these very predictions, so the page
+    and metrics.json say the post-processing's scores are optimistic. Returns metrics.json's
+    content."""
+    from ptxseg.evaluate import (
+        METRICS_JSON,
+        PER_IMAGE_CSV,
+        iter_predictions,
+        output_files,
+        per_image_csv,
+        write_outputs,
+    )
+    from ptxseg.fileio import write_json, write_text
+    from ptxseg.metrics import bootstrap_cis, summarize
+    from ptxseg.run import Thresholds
+
+    out = folder.out
+    stats = pool_grid_stats(per_fold)
+    images = chosen_image_stats(stats, result.params)
+    fold_of = [i for i, fold_stats in enumerate(per_fold) for _ in range(len(fold_stats))]
+    summary = summarize(images)
+    n = len(images)
+    metrics: dict[str, Any] = {
+        "n_images": summary["n_images"],
+        "n_positive": summary["n_positive"],
+        "pooled": summary["pooled"],
+        "per_image": summary["per_image"],
+        "detection": summary["detection"],
+        "confidence_intervals": bootstrap_cis(images),
+        "thresholds": result.params.to_dict(),
+        "thresholds_source": str(thresholds_path),
+        "reasons": summary["reasons"],
+        "compared_at": "model",
+        "size": result.params.size,
+        "tta": extra["tta"],
+        "split": "out-of-fold",
+        "n_train_ids": 0,
+        "n_tuned_ids": n,
+        "optimistic": [
+            f"{n} of the {n} images are those the thresholds were tuned on ({thresholds_path}):"
+            " the post-processing was chosen on these very predictions, so these scores are "
+            "optimistic for it (no fold trained on the image it predicted)"
+        ],
+        "data": extra["data"],
+        "layout": extra["layout"],
+        "checkpoint": None,
+        "members": [str(p.members[0].path) for p in predictors],
+        "combine": "out of fold: each image predicted by the one fold that did not train on it",
+        "out_of_fold": extra["out_of_fold"],
     }
-    path = Run(cv_dir).thresholds_path
-    _save(path, stats, result, notes, extra)
-    return path, result
+    rule = Thresholds(result.params, thresholds_path)
+
+    def again(indices: list[int]):
+        for i in indices:
+            yield from iter_predictions(predictors[fold_of[i]], [by_id[stats.ids[i]]],
+                                        at="model", keep_image=True)  # fmt: skip
+
+    folder.start(output_files(out))
+    write_json(out / METRICS_JSON, metrics)
+    write_text(out / PER_IMAGE_CSV, per_image_csv(images))
+    write_outputs(out, cv_run, again, images, [None] * n, metrics, rule, 8, runs)
+    return metrics

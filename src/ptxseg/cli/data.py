@@ -16,6 +16,7 @@ from ptxseg.cli.app import (
     app,
     console,
     err_console,
+    print_notes,
 )
 from ptxseg.data.sources import Layout
 from ptxseg.errors import one_line
@@ -24,7 +25,10 @@ from ptxseg.run import CONFIG
 
 @app.command("synth")
 def synth_cmd(
-    out: Annotated[Path, typer.Argument(help="Output folder (created; must be empty).")],
+    out: Annotated[
+        Path,
+        typer.Argument(help="Output folder (created; empty, or a previous synth's, replaced)."),
+    ],
     n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 200,
     size: Annotated[int, typer.Option("--size", min=32, max=4096, help="Image side.")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
@@ -33,7 +37,8 @@ def synth_cmd(
         typer.Option("--positive-fraction", min=0.0, max=1.0, help="Share with a lesion."),
     ] = 0.5,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Write into a non-empty folder.")
+        bool,
+        typer.Option("--overwrite", help="Write into a folder that holds other files too."),
     ] = False,
 ) -> None:
     """Write a synthetic chest X-ray dataset (png layout) with pneumothorax-like lesions."""
@@ -41,7 +46,7 @@ def synth_cmd(
 
     records = generate(
         out, n=n, size=size, seed=seed, positive_fraction=positive_fraction,
-        overwrite=overwrite, progress=True,
+        overwrite=overwrite, progress=True, announce=lambda line: print_notes([line]),
     )
     positives = sum(bool(r.has_pneumothorax) for r in records)
     console.print(
@@ -95,7 +100,8 @@ def inspect_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     rle: RleOption = None,
 ) -> None:
-    """Count images, labels, sizes and lesion areas; list every problem (exit 2 if any)."""
+    """Count images, labels, sizes and lesion areas (images without labels too); list every
+    problem (exit 2 if any) and what else the folder holds."""
     import json
 
     from ptxseg.data.inspect import inspect_dataset
@@ -114,6 +120,7 @@ def inspect_cmd(
                 rle=absolute(rle),
             )
         _print_inspect(report)
+        print_notes(report.notes)
     if report.problems:
         raise typer.Exit(2)
 

@@ -36,7 +36,7 @@ from ptxseg.onnx_runtime import DEFAULT_TOLERANCE
 from ptxseg.overlays import OverlayStyle
 from ptxseg.postprocess import Mode
 from ptxseg.run import BEST, CONFIG, ONNX, SPLIT, THRESHOLDS, Split
-from ptxseg.tune import Objective
+from ptxseg.tune import Grid, Objective
 
 RUN_HELP = f"Run folder ({files_named((BEST, SPLIT, THRESHOLDS))}; {CONFIG} for older runs)."
 MODEL_RUN_HELP = (
@@ -52,6 +52,13 @@ ModelsOption = Annotated[
         "probability, all of one input size). RUN then gives the thresholds.",
     ),
 ]
+OverwriteOption = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace existing output files that no previous run of this command wrote.",
+    ),
+]
 ThresholdsOption = Annotated[
     Path | None,
     typer.Option(
@@ -63,8 +70,8 @@ ThresholdsOption = Annotated[
 
 
 @app.command(help=f"Choose the post-processing on the run's validation split (a CV folder: on "
-                  f"the out-of-fold predictions of its folds); writes RUN/"
-                  f"{THRESHOLDS}.")  # fmt: skip
+                  f"the out-of-fold predictions of its folds); writes RUN/{THRESHOLDS} (a CV "
+                  "folder: also its out-of-fold report, CV/out_of_fold/report.html).")  # fmt: skip
 @with_model_options
 def tune(
     run: Annotated[Path, typer.Argument(help=f"{RUN_HELP[:-1]}, or a CV folder ({MANIFEST}).")],
@@ -89,6 +96,23 @@ def tune(
             "area, bottom threshold (SIIM-ACR winners).",
         ),
     ] = Mode.PIXEL,
+    grid: Annotated[
+        Grid,
+        typer.Option(
+            "--grid",
+            help="default: thresholds 0.01-0.95, removal areas up to 4096 px of a 512 px input; "
+            "wide: thresholds 0.001-0.999, areas up to 16384 px (when the chosen rule is on "
+            "the default grid's edge).",
+        ),
+    ] = Grid.DEFAULT,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help=f"Replace a {THRESHOLDS} that no tune wrote (a hand-written rule), and files "
+            "of others in a CV folder's out_of_fold/.",
+        ),
+    ] = False,
     model: dict | None = None,
 ) -> None:
     from ptxseg.cv import is_cv_dir
@@ -97,12 +121,17 @@ def tune(
     with library_warnings():
         path, result = (tune_cv if is_cv_dir(run) else tune_run)(
             run, data, layout=layout, rle=absolute(rle), objective=objective, mode=mode,
-            progress=True, **model,
+            progress=True, grid=grid, overwrite=overwrite,
+            announce=lambda line: print_notes([line]), **model,
         )  # fmt: skip
+    if result.evaluation is not None:  # a CV folder: its out-of-fold evaluation
+        console.print(metrics_table(result.evaluation))
     console.print(
         Text(f"{result.params.describe()}: {result.objective} = {result.score:.4f}", style="bold")
     )
-    console.print(Text(f"wrote {path}"))
+    console.print(Text(f"wrote {path}" + (f" and the out-of-fold report {result.report}"
+                                          if result.report is not None else "")),
+                  soft_wrap=True)  # fmt: skip
 
 
 @app.command(help=f"Evaluate a run: {files_named(EVALUATE_OUTPUTS[:4])}, overlays.")
@@ -127,6 +156,7 @@ def evaluate(
         typer.Option("--split", help=f"all images, or only the run's val / train ids ({SPLIT})."),
     ] = Split.ALL,
     models: ModelsOption = None,
+    overwrite: OverwriteOption = False,
     model: dict | None = None,
 ) -> None:
     from ptxseg.evaluate import evaluate_run
@@ -134,7 +164,8 @@ def evaluate(
     with library_warnings():
         metrics = evaluate_run(
             run, data, out, thresholds=thresholds, at=at, layout=layout, rle=absolute(rle),
-            split=split, progress=True, models=models or [], **model,
+            split=split, progress=True, models=models or [], overwrite=overwrite,
+            announce=lambda line: print_notes([line]), **model,
         )  # fmt: skip
     console.print(metrics_table(metrics))
     console.print(Text(f"wrote {out}/ ({files_named(EVALUATE_OUTPUTS[:2])}, "
@@ -204,12 +235,7 @@ def predict(
             show_default=False,
         ),
     ] = None,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite", help="Replace existing output files that ptxseg did not write."
-        ),
-    ] = False,
+    overwrite: OverwriteOption = False,
     save_probs: Annotated[
         bool,
         typer.Option(
@@ -234,10 +260,10 @@ def predict(
             save_probs=save_probs, **model,
         )  # fmt: skip
     print_notes(summary.notes)
-    ok = summary.n_images - summary.n_errors
+    n = summary.n_predicted  # rows of results.csv with a mask
     console.print(
         Text(
-            f"{ok} image{'s' * (ok != 1)} predicted, {summary.n_positive} with pneumothorax "
+            f"{n} image{'s' * (n != 1)} predicted, {summary.n_positive} with pneumothorax "
             f"({summary.images_per_s:.1f} images/s); wrote {printable(out)}/ ({MASKS}/, "
             f"{f'{OVERLAYS}/, ' if overlays else ''}{f'{DICOM_SEG}/, ' if dicom_seg else ''}"
             f"{RESULTS_NAME})"
@@ -246,9 +272,13 @@ def predict(
         soft_wrap=True,
     )
     if summary.n_errors:
+        why = [f"{summary.n_unreadable} not predicted (unreadable)" if summary.n_unreadable
+               else "", f"{summary.n_seg_failed} predicted without a DICOM SEG"
+               if summary.n_seg_failed else ""]  # fmt: skip
         fail(
             f"{summary.n_errors} of {summary.n_images} file{'s' * (summary.n_images != 1)} "
-            f"failed (see the status column of {out / RESULTS_NAME})"
+            f"failed: {', '.join(w for w in why if w)}; see the status column of "
+            f"{out / RESULTS_NAME}"
         )
 
 

@@ -185,8 +185,8 @@ def demo(
     size.n_test = n_test or size.n_test
     size.image_size = image_size or size.image_size
     with library_warnings():
-        metrics = run_demo(out, size=size, config=config, overrides=set_ or [], console=console)
-    console.print(metrics_table(metrics))
+        metrics = run_demo(out, size=size, config=config, overrides=set_ or [], console=console,
+                           on_evaluated=lambda m: console.print(metrics_table(m)))
     console.print(
         Text.assemble(
             "held-out pooled Dice ",

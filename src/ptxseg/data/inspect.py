@@ -2,7 +2,10 @@
 
 Every image is decoded (so truncated files are found) and every mask is read (labels, areas,
 non-binary values, size mismatches); files are processed in a few threads. Problems never
-stop the inspection: each is collected with its file.
+stop the inspection: each is collected with its file. Images without labels are inspected
+too (DICOMs without their run-length CSV: new images to check before predicting), and the
+notes say what else the folder holds that another layout would read (:func:`other_contents`:
+the SIIM sample's 12 DICOMs and 2 run-length CSVs beside its png layout).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ptxseg.data.imageio import (
 from ptxseg.data.records import Problem, Record, RleMask
 from ptxseg.data.sources import scan
 from ptxseg.errors import DataError
+from ptxseg.progress import plural
 
 #: masks read to check that they are binary before training (a sample: labels already read
 #: every mask once, and a full second pass would double the start-up time on large sets)
@@ -62,6 +66,7 @@ class InspectReport:
     formats: dict[str, int]
     mask_area: dict[str, float | int | None]
     problems: list[Problem]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -85,6 +90,7 @@ class InspectReport:
             "problems": [
                 {"path": p.path, "kind": p.kind, "problem": p.problem} for p in self.problems
             ],
+            "notes": list(self.notes),
         }
 
 
@@ -173,7 +179,7 @@ def inspect_dataset(
         DataError: only when the dataset cannot be listed at all (missing/empty folder,
             unknown layout, unusable CSV); everything else is a reported problem.
     """
-    found = scan(root, layout, labels=False, rle=rle)
+    found = scan(root, layout, labels=False, rle=rle, unlabelled=True)
     records = found.records
     problems = list(found.problems)
     reported = frozenset(p.path for p in problems if p.kind in ("missing", "irregular"))
@@ -202,7 +208,66 @@ def inspect_dataset(
         formats=_count(c.format for c in checked),
         mask_area=_area_stats([c.area for c in pos], [c.area / c.pixels for c in pos]),
         problems=problems,
+        notes=[*found.notes, *other_contents(root, found.layout)],
     )
+
+
+def _where(root: Path, paths: Sequence[Path], limit: int = 3) -> str:
+    """``dicom/`` or ``rle/a.csv, rle/b.csv``: the folders holding ``paths`` (several files),
+    or the files themselves (a few), relative to ``root``."""
+    rel = [p.relative_to(root).as_posix() for p in paths]
+    if len(rel) <= 2:
+        return ", ".join(rel)
+    folders = sorted({r.rsplit("/", 1)[0] + "/" if "/" in r else "./" for r in rel})
+    return ", ".join(folders[:limit]) + (f" and {len(folders) - limit} more" if len(
+        folders) > limit else "")  # fmt: skip
+
+
+def other_contents(root: str | Path, used: str) -> list[str]:
+    """What else a dataset folder holds that the ``used`` layout does not read, and how to
+    read it: DICOMs and run-length CSVs (``--layout siim``, ``--rle FILE``), a png layout's
+    ``png_images/`` (``--layout png``), ``Site*/`` folders (``--layout ptx498``), manifest
+    CSVs (``--layout csv``). One note, or none."""
+    from ptxseg.data.imageio import DICOM_SUFFIXES
+    from ptxseg.data.siim import rle_columns
+    from ptxseg.data.sources import RASTER_SUFFIXES, is_manifest
+    from ptxseg.fileio import csv_header
+
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    files = sorted(p for p in root.rglob("*") if not p.name.startswith(".") and p.is_file())
+    found: list[tuple[str, str]] = []  # (what, option)
+    if used != "siim":
+        dicoms = [p for p in files if p.suffix.lower() in DICOM_SUFFIXES]
+        csvs = [p for p in files if p.suffix.lower() == ".csv"]
+        rles = [p for p in csvs if rle_columns(csv_header(p))]
+        if dicoms:
+            found.append((f"{plural(len(dicoms), 'DICOM')} ({_where(root, dicoms)})",
+                          "--layout siim"))  # fmt: skip
+        if rles:
+            found.append((f"{plural(len(rles), 'run-length CSV')} ({_where(root, rles)})",
+                          "--rle FILE" if dicoms else "--layout siim"))  # fmt: skip
+    if used not in ("png", "csv") and (root / "png_images").is_dir():
+        images = [p for p in files if p.parent == root / "png_images"
+                  and p.suffix.lower() in RASTER_SUFFIXES]  # fmt: skip
+        found.append((f"a png layout (png_images/, {plural(len(images), 'image')})",
+                      "--layout png"))  # fmt: skip
+    if used != "ptx498":
+        sites = [p for p in root.iterdir() if p.is_dir() and p.name.lower().startswith("site")]
+        if sites:
+            found.append((f"{plural(len(sites), 'Site*/ folder')}", "--layout ptx498"))
+    if used != "csv":
+        manifests = [p for p in root.glob("*.csv") if is_manifest(csv_header(p))]
+        if manifests:
+            found.append((f"{plural(len(manifests), 'manifest CSV')} "
+                          f"({_where(root, manifests)})", "--layout csv"))  # fmt: skip
+    if not found:
+        return []
+    what = ", ".join(w for w, _ in found[:-1]) + (" and " if len(found) > 1 else "") + found[-1][0]
+    options = " ".join(dict.fromkeys(o for _, o in found))
+    return [f"{root} also holds {what}, which the {used} layout does not read: inspect them "
+            f"with {options}"]  # fmt: skip
 
 
 def non_binary_masks(

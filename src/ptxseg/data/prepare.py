@@ -15,8 +15,11 @@ val`` works on either). File names are the ids made file-safe by the one rule of
 :func:`ptxseg.data.ids.safe_id` (every real SIIM name such as ``0_train_0_`` and every
 SOPInstanceUID is its own safe id); the manifest maps them back.
 
-The copy is built in a hidden sibling folder and renamed to ``out`` at the end, so an
-interrupted run leaves no half dataset.
+The copy is built in a hidden sibling folder (``.OUT.partial``, marked as prepare's by
+:data:`PARTIAL_MARK` inside) and renamed to ``out`` at the end, so an interrupted run leaves no
+half dataset; a later prepare removes such a leftover, but never a folder of that name that
+prepare did not make. ``out`` itself must be new or empty: prepare replaces nothing (the
+output-folder rule, :mod:`ptxseg.output_folder`, at its strictest).
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ from ptxseg.data.imageio import load_pair
 from ptxseg.data.records import Record, require_ground_truth
 from ptxseg.data.resize import resize_mask, resize_to
 from ptxseg.errors import DataError
-from ptxseg.fileio import write_csv, write_png
+from ptxseg.fileio import write_csv, write_png, write_text
 from ptxseg.progress import progress_bar
+
+#: the file that marks ``.OUT.partial`` as prepare's own unfinished copy
+PARTIAL_MARK = ".ptxseg-prepare-partial"
 
 
 def _prepare_one(rec: Record, name: str, tmp: Path, size: int) -> None:
@@ -100,10 +106,16 @@ def prepare(
         seen[name.lower()] = rec.id
 
     tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
+    if os.path.lexists(tmp):  # an interrupted prepare's leftover; never anyone else's folder
+        if os.path.islink(tmp) or not (tmp / PARTIAL_MARK).is_file():
+            raise DataError(
+                tmp, "exists and is not a partial copy left by ptxseg prepare; remove it or "
+                "choose another output folder"
+            )
         shutil.rmtree(tmp)
     (tmp / "png_images").mkdir(parents=True)
     (tmp / "png_masks").mkdir(parents=True)
+    write_text(tmp / PARTIAL_MARK, "ptxseg prepare: a copy being written\n")
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -113,6 +125,7 @@ def prepare(
             )
             _drain(jobs, len(records), progress, on_progress)
         _write_manifest(tmp / "manifest.csv", records, names)
+        (tmp / PARTIAL_MARK).unlink()
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

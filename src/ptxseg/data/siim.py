@@ -120,13 +120,24 @@ def rle_csv_used(root: str | Path, layout: str, rle: str | Path | None = None) -
 
 
 def scan_siim(
-    root: Path, problems: list[Problem], rle: str | Path | None = None
+    root: Path, problems: list[Problem], rle: str | Path | None = None,
+    notes: list[str] | None = None,
 ) -> list[Record]:
+    """The records of a siim folder. With ``notes`` (``ptxseg inspect``: images without
+    labels are fine) a folder without a run-length CSV gives records without ground truth and
+    a note says so; without, it is a :class:`DataError`."""
     dicoms = sorted(p for p in root.rglob("*") if p.suffix.lower() in DICOM_SUFFIXES)
     if not dicoms:
         raise DataError(root, "siim layout needs .dcm files (none found)")
-    csv_path = find_rle_csv(root, rle)
-    rles = read_rle_rows(csv_path)
+    try:
+        csv_path: Path | None = find_rle_csv(root, rle)
+    except DataError as exc:
+        if notes is None or rle is not None or not exc.problem.startswith("no run-length CSV"):
+            raise
+        csv_path = None
+        notes.append(f"{root}: no run-length CSV (columns ImageId,EncodedPixels or fname,mask):"
+                     f" the {len(dicoms)} DICOMs are inspected without labels")  # fmt: skip
+    rles = read_rle_rows(csv_path) if csv_path is not None else {}
 
     def meta(p: Path):
         try:

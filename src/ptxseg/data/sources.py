@@ -78,6 +78,7 @@ class Scan:
     layout: Layout
     detected: bool
     problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the user should know (not wrong)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -205,7 +206,7 @@ def _scan_ptx498(root: Path, problems: list[Problem]) -> list[Record]:
     return records
 
 
-def _is_manifest(header: list[str]) -> bool:
+def is_manifest(header: list[str]) -> bool:
     return "image" in header and "mask" in header
 
 
@@ -215,11 +216,11 @@ def find_manifest(root: Path) -> Path:
     if root.is_file():
         return root
     prepared = root / "manifest.csv"  # a `ptxseg prepare` copy (png_images/ + manifest.csv)
-    if (root / "png_images").is_dir() and prepared.is_file() and _is_manifest(
+    if (root / "png_images").is_dir() and prepared.is_file() and is_manifest(
         csv_header(prepared)
     ):
         return prepared
-    found = [p for p in sorted(root.glob("*.csv")) if _is_manifest(csv_header(p))]
+    found = [p for p in sorted(root.glob("*.csv")) if is_manifest(csv_header(p))]
     if len(found) != 1:
         what = "no" if not found else "several"
         raise DataError(root, f"{what} manifest CSV with columns image,mask found")
@@ -229,7 +230,7 @@ def find_manifest(root: Path) -> Path:
 def _scan_csv(root: Path, problems: list[Problem]) -> list[Record]:
     path = find_manifest(root)
     header, rows, lines = read_csv_lines(path)
-    if not _is_manifest(header):
+    if not is_manifest(header):
         raise DataError(path, f"expected columns image,mask, found {','.join(header) or 'none'}")
     if not rows:
         raise DataError(path, "manifest has no rows")
@@ -272,7 +273,7 @@ def detect_layout(root: str | Path) -> Layout:
             return Layout.CSV
         raise DataError(root, "a dataset must be a folder or a manifest CSV")
     if (root / "png_images").is_dir():
-        if (root / "manifest.csv").is_file() and _is_manifest(csv_header(root / "manifest.csv")):
+        if (root / "manifest.csv").is_file() and is_manifest(csv_header(root / "manifest.csv")):
             return Layout.CSV  # a `ptxseg prepare` copy: its manifest keeps the original ids
         return Layout.PNG
     for site in root.iterdir():
@@ -281,7 +282,7 @@ def detect_layout(root: str | Path) -> Layout:
                 return Layout.PTX498
     if next((p for p in root.rglob("*") if p.suffix.lower() in DICOM_SUFFIXES), None):
         return Layout.SIIM
-    if any(_is_manifest(csv_header(p)) for p in root.glob("*.csv")):
+    if any(is_manifest(csv_header(p)) for p in root.glob("*.csv")):
         return Layout.CSV
     if not any(root.iterdir()):
         raise DataError(root, "dataset folder is empty")
@@ -298,6 +299,7 @@ def scan(
     *,
     labels: bool = True,
     rle: str | Path | None = None,
+    unlabelled: bool = False,
 ) -> Scan:
     """List a dataset's records and every problem found, without raising for problems.
 
@@ -306,6 +308,8 @@ def scan(
         layout: a :class:`Layout` (``auto`` detects it).
         labels: read the mask files to fill ``has_pneumothorax`` (png, ptx498, csv).
         rle: the run-length CSV of a siim folder (``--rle``); implies ``siim`` for ``auto``.
+        unlabelled: images without labels are fine (``ptxseg inspect``): a siim folder
+            without its run-length CSV gives records without ground truth, and a note.
 
     Raises:
         DataError: missing/empty folder, undetectable layout, unusable CSV (nothing to list).
@@ -326,15 +330,16 @@ def scan(
     detected = layout is Layout.AUTO and rle is None
     used = Layout.SIIM if rle is not None else detect_layout(root) if detected else layout
     problems: list[Problem] = []
+    notes: list[str] = []
     if used is Layout.SIIM:
-        records = scan_siim(root, problems, rle)
+        records = scan_siim(root, problems, rle, notes if unlabelled else None)
     else:
         records = _SCANNERS[used](root, problems)
     records.sort(key=lambda r: r.id)
     _check_duplicates(records, problems)
     if labels:
         records = _with_labels(records, problems)
-    return Scan(records, used, detected, problems)
+    return Scan(records, used, detected, problems, notes)
 
 
 def load_records(

@@ -25,6 +25,7 @@ drawn from ``numpy.random.default_rng([seed, i])``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -33,6 +34,7 @@ import numpy as np
 from ptxseg.data.records import Record
 from ptxseg.errors import DataError
 from ptxseg.fileio import write_png
+from ptxseg.output_folder import OutputFolder, files_under
 from ptxseg.progress import progress_bar
 
 MIN_LESION_FRACTION = 0.006  # smallest lesion, as a share of the image area
@@ -222,20 +224,26 @@ def generate(
     overwrite: bool = False,
     progress: bool = False,
     prefix: str = "synth",
+    announce: Callable[[str], None] | None = None,
 ) -> list[Record]:
-    """Write a synthetic dataset in the png layout and return its records (sorted by id).
+    """Write a synthetic dataset in the png layout and return its records (sorted by id),
+    under the one output-folder rule (:class:`ptxseg.output_folder.OutputFolder`): a
+    previous synth's dataset in ``out`` is replaced (none of its images stays beside the new
+    ones), anything else in ``out`` needs ``overwrite``.
 
     Args:
-        out: output folder; must be absent or empty unless ``overwrite``.
+        out: output folder; absent, empty, or a previous synth's, unless ``overwrite``.
         n: number of images.
         size: image side in pixels.
         seed: everything is deterministic in (seed, n, positive_fraction).
         positive_fraction: share of images with a pneumothorax (exactly
             ``round(n * positive_fraction)`` of them).
-        overwrite: allow writing into a non-empty folder (files of the same name are replaced).
+        overwrite: allow writing into a folder that holds other files (files of the same
+            name are replaced, the others kept).
         progress: show a progress bar.
         prefix: ids are ``{prefix}_0000``...; give a held-out set its own prefix, since runs
             and evaluations match images by id.
+        announce: called with the line that says what of a previous synth was replaced.
     """
     out = Path(out)
     if n < 1:
@@ -246,16 +254,26 @@ def generate(
         raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(out, "folder is not empty (refusing to mix datasets)")
     n_pos = round(n * positive_fraction)
     positives = set(np.random.default_rng([seed, n]).permutation(n)[:n_pos].tolist())
     width = max(4, len(str(n - 1)))
+    names = [f"{prefix}_{i:0{width}d}" for i in range(n)]
+    files = [out / sub / f"{name}.png" for name in names for sub in ("png_images", "png_masks")]
+    folder = OutputFolder(out, "synth", overwrite=overwrite, option="OUT")
+    folder.check(files)
+    mine = folder.recorded() or set()
+    others = sorted(p for p in files_under(out) if p not in mine and p != folder.lock_path)
+    if others and not overwrite:  # a dataset folder: any other file would join the dataset
+        raise DataError(
+            out, f"folder is not empty and not a previous ptxseg synth's (e.g. {others[0]}); "
+            "refusing to mix datasets (--overwrite to write into it anyway)"
+        )
     records = []
-    with progress_bar(enabled=progress) as bar:
+    with folder.hold(files), progress_bar(enabled=progress) as bar:
+        folder.start(files, {"n": n, "size": size, "seed": seed, "prefix": prefix,
+                             "positive_fraction": positive_fraction})  # fmt: skip
         task = bar.add_task("synth", total=n)
-        for i in range(n):
-            name = f"{prefix}_{i:0{width}d}"
+        for i, name in enumerate(names):
             image, mask = draw_case(np.random.default_rng([seed, i]), size, i in positives)
             img_path = out / "png_images" / f"{name}.png"
             mask_path = out / "png_masks" / f"{name}.png"
@@ -263,4 +281,7 @@ def generate(
             write_png(mask_path, mask)
             records.append(Record(name, img_path, mask_path, bool(mask.any()), None))
             bar.advance(task)
+        change = folder.finish()
+    if change is not None and announce is not None:
+        announce(change)
     return records
