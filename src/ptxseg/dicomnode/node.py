@@ -120,6 +120,7 @@ class Node:
         """
         from ptxseg.fileio import FolderBusy
 
+        _import_all()
         self.spool.root.mkdir(parents=True, exist_ok=True)
         self._lock_cm = folder_lock(self.spool.root, ".ptxseg-dicom-node.lock")
         try:
@@ -375,6 +376,21 @@ class Node:
                       destination=self.destination.description)  # fmt: skip
         self.spool.finish(key, record)
         log.info("%s", image_line(record))
+
+
+def _import_all() -> None:
+    """Import, on the calling thread, every module the node's threads use: two threads
+    importing pydicom at once can see it half initialised (a circular-import error)."""
+    import highdicom  # noqa: F401
+    import pydicom  # noqa: F401
+    import pynetdicom  # noqa: F401
+
+    import ptxseg.data.imageio  # noqa: F401
+    import ptxseg.dicomnode.capture  # noqa: F401
+    import ptxseg.dicomnode.report  # noqa: F401
+    import ptxseg.dicomnode.segment  # noqa: F401
+    import ptxseg.dicomseg  # noqa: F401
+    import ptxseg.measures  # noqa: F401
 
 
 def _encode(ds) -> bytes:
