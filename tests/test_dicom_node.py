@@ -312,3 +312,39 @@ def test_an_image_sent_again_is_not_answered_twice(pacs):
     assert out.returncode == 0, out.stderr
     wait_for(lambda: pacs.node.text().count("already answered") >= 2, 30, "two log lines")
     assert pacs.orthanc.count() == before
+
+
+def test_results_can_go_by_stow_rs(pacs, tmp_path):
+    """A node in this process whose destination is Orthanc's DICOMweb STOW-RS endpoint: a copy
+    of one SIIM image under a new SOP Instance UID comes back as a SEG (the same frame as the
+    original's) and an SR referencing the copy."""
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    from ptxseg.dicomnode.node import Options, load
+    from ptxseg.dicomnode.sender import StowDestination
+
+    copy = dcmread(pacs.files[0])
+    copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    destination = StowDestination(f"{pacs.orthanc.url}/dicom-web")
+    node = load(pacs.run, spool=tmp_path / "spool", destination=destination, device="cpu",
+                options=Options(ae_title=NODE_AET, port=0))  # fmt: skip
+    node.start()
+    try:
+        assert _store(node.port, copy) == (0x0000, "")
+        wait_for(lambda: len(list((tmp_path / "spool" / "done").glob("*.json"))) == 1, 60,
+                 "the copy answered")  # fmt: skip
+    finally:
+        node.stop()
+    stored = pacs.orthanc.by_modality()
+
+    def source_of(seg):
+        return str(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+                   .ReferencedSOPInstanceUID)  # fmt: skip
+
+    new = [s for s in stored["SEG"] if source_of(s) == copy.SOPInstanceUID]
+    old = [s for s in stored["SEG"] if source_of(s) == pacs.files[0].stem]
+    assert len(new) == len(old) == 1
+    np.testing.assert_array_equal(new[0].pixel_array, old[0].pixel_array)
+    reports = [sr for sr in stored["SR"] if _sr_values(sr)["segmentation"] == new[0].SOPInstanceUID]
+    assert len(reports) == 1
