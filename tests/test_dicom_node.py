@@ -348,3 +348,9 @@ def test_results_can_go_by_stow_rs(pacs, tmp_path):
     np.testing.assert_array_equal(new[0].pixel_array, old[0].pixel_array)
     reports = [sr for sr in stored["SR"] if _sr_values(sr)["segmentation"] == new[0].SOPInstanceUID]
     assert len(reports) == 1
+
+
+def test_the_documented_lua_is_the_tested_one():
+    from tests.conftest import REPO
+
+    assert AUTOROUTE_LUA.strip() in (REPO / "docs" / "hospital.md").read_text(encoding="utf-8")
