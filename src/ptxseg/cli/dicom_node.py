@@ -184,8 +184,8 @@ def dicom_node(
 
 
 def _log_lines() -> None:
-    """The node's log lines on stderr, one per event, time first; pynetdicom's own only when
-    they are warnings."""
+    """The node's log lines on stderr, one per event, time first; pynetdicom's own are not
+    shown (the node logs every refusal and failed delivery itself)."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
                                            "%Y-%m-%d %H:%M:%S"))  # fmt: skip
@@ -193,4 +193,4 @@ def _log_lines() -> None:
     node_log.addHandler(handler)
     node_log.setLevel(logging.INFO)
     node_log.propagate = False
-    logging.getLogger("pynetdicom").setLevel(logging.ERROR)
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)

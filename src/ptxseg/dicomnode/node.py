@@ -86,10 +86,11 @@ class Options:
 class Node:
     """A running DICOM node (see the module doc): :meth:`start`, then :meth:`stop`."""
 
-    def __init__(self, predictor, params, algorithm, spool: Spool, destination,
+    def __init__(self, predictor, rule, algorithm, spool: Spool, destination,
                  options: Options = Options()):  # fmt: skip
         self.predictor = predictor
-        self.params = params
+        self.rule = rule  # a ptxseg.run.Thresholds at the predictor's size
+        self.params = rule.params
         self.algorithm = algorithm
         self.spool = spool
         self.destination = destination
@@ -237,7 +238,8 @@ class Node:
             try:
                 self._process(list(dict.fromkeys(batch)))
             except Exception:  # noqa: BLE001 - one bad batch must not stop the node
-                log.exception("batch of %d images failed; they stay in the spool", len(batch))
+                log.exception("batch of %d images failed; they stay in the spool (segmented at "
+                              "the next start)", len(batch))  # fmt: skip
 
     def _read(self, key: str):
         """The decoded image and header of ``key``: from the C-STORE's decode when still in
@@ -274,13 +276,20 @@ class Node:
             except (DataError, PtxsegError) as exc:
                 self._fail(key, str(exc))
             except OSError as exc:
-                log.error("%s: results not written (%s); it stays in the spool", key, exc)
+                log.error("%s: results not written (%s); it stays in the spool (segmented at the "
+                          "next start)", key, exc)  # fmt: skip
                 continue
             with self._send_ready:
                 self._to_send.append(key)
                 self._send_ready.notify()
 
+    def _caller(self, key: str) -> str | None:
+        """Who sent ``key`` (unknown after a restart)."""
+        with self._cache_lock:
+            return self._callers.pop(key, None)
+
     def _fail(self, key: str, reason: str) -> None:
+        self._caller(key)
         log.error("%s: not segmented, kept in %s (%s)", key, self.spool.root / "failed", reason)
         self.spool.fail(key, reason)
 
@@ -297,7 +306,7 @@ class Node:
         files = {"seg": _encode(seg), "sr": _encode(sr)}
         record: dict[str, Any] = {
             "sop_instance_uid": key,
-            "calling_aet": self._callers.pop(key, None),
+            "calling_aet": self._caller(key),
             "received_at": self.spool.received_at(key),
             "inferred_at": time.time(),
             "inference_ms": round(inference_ms, 1),
@@ -435,6 +444,4 @@ def load(run: str | Path, *, spool: str | Path, destination, options: Options = 
     rule = run.thresholds(thresholds, predictor.size)
     algorithm = seg_algorithm(run.path.resolve().name, [m.path for m in predictor.members],
                               predictor.tta, rule.params)  # fmt: skip
-    node = Node(predictor, rule.params, algorithm, Spool(spool), destination, options)
-    node.rule = rule
-    return node
+    return Node(predictor, rule, algorithm, Spool(spool), destination, options)
