@@ -354,3 +354,41 @@ def test_the_documented_lua_is_the_tested_one():
     from tests.conftest import REPO
 
     assert AUTOROUTE_LUA.strip() in (REPO / "docs" / "hospital.md").read_text(encoding="utf-8")
+
+
+def test_an_image_no_seg_can_be_made_of_is_kept_in_failed_and_nothing_is_sent(pacs, tmp_path):
+    """A two-frame CR is accepted (its first frame reads, as predict reads it) but no SEG can
+    be made of it: it goes to ``failed/`` with the reason, nothing reaches the PACS, and the
+    next image is answered."""
+    import json
+
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    from ptxseg.dicomnode.node import Options, load
+    from ptxseg.dicomnode.sender import DicomDestination
+    from tests.conftest import write_dicom
+
+    frames = np.random.default_rng(0).integers(0, 255, (2, 64, 64), dtype=np.uint8)
+    uid = generate_uid()
+    path = write_dicom(tmp_path / "two.dcm", frames[0], SOPInstanceUID=uid, NumberOfFrames=2,
+                       StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid())
+    ds = dcmread(path)
+    ds.PixelData = frames.tobytes()
+    before = pacs.orthanc.count()
+    spool = tmp_path / "spool"
+    destination = DicomDestination(f"{ORTHANC_AET}@127.0.0.1:{pacs.orthanc.dicom_port}", NODE_AET)
+    node = load(pacs.run, spool=spool, destination=destination, device="cpu",
+                options=Options(ae_title=NODE_AET, port=0))  # fmt: skip
+    node.start()
+    try:
+        assert _store(node.port, ds) == (0x0000, "")
+        wait_for(lambda: (spool / "failed" / f"{uid}.json").exists(), 60, "the failed record")
+        record = json.loads((spool / "failed" / f"{uid}.json").read_text(encoding="utf-8"))
+        assert "multi-frame" in record["reason"]
+        assert (spool / "failed" / f"{uid}.dcm").read_bytes()[128:132] == b"DICM"
+        assert not list((spool / "received").iterdir())
+        assert pacs.orthanc.count() == before
+        assert node.healthy()
+    finally:
+        node.stop()

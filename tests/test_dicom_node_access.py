@@ -106,3 +106,16 @@ def test_the_command_line_refuses_in_one_line(tmp_path, args, message):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], out.stderr
     assert not (tmp_path / "spool").exists()
+
+
+def test_a_second_node_on_the_same_spool_is_refused(node_over_tls):
+    from ptxseg.dicomnode.node import Node, Options
+    from ptxseg.dicomnode.spool import Spool
+    from ptxseg.errors import PtxsegError
+
+    node = node_over_tls
+    other = Node(node.predictor, node.rule, node.algorithm, Spool(node.spool.root),
+                 node.destination, Options(ae_title=NODE_AET, port=0))  # fmt: skip
+    with pytest.raises(PtxsegError, match="spool in use by another node"):
+        other.start()
+    assert other.port is None

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ptxseg.errors import DataError
-from ptxseg.fileio import atomic_open, write_json
+from ptxseg.fileio import atomic_open, write_bytes, write_json
 
 RECEIVED = "received"
 RESULTS = "results"
@@ -190,8 +190,9 @@ class Spool:
             src = self.received_path(key)
             write_json(self.root / FAILED / f"{key}.json",
                        {"sop_instance_uid": key, "reason": reason, **(record or {})})  # fmt: skip
-            if src.exists():
-                os.replace(src, self.failed_path(key))
+            if src.exists():  # copied, then removed: a kill between leaves it to fail again
+                write_bytes(self.failed_path(key), src.read_bytes())
+                src.unlink()
             fsync_dir(self.root / FAILED)
             fsync_dir(self.root / RECEIVED)
 
