@@ -5,7 +5,8 @@ each.
 
 Commands by group: :mod:`ptxseg.cli.data` (synth, inspect, prepare, config show),
 :mod:`ptxseg.cli.train` (train, demo), :mod:`ptxseg.cli.models` (tune, evaluate, predict,
-export), :mod:`ptxseg.cli.serve` (serve); what they share: :mod:`ptxseg.cli.app`.
+export), :mod:`ptxseg.cli.serve` (serve), :mod:`ptxseg.cli.dicom_node` (dicom-node); what
+they share: :mod:`ptxseg.cli.app`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 import typer
 
-from ptxseg.cli import data, models, serve, train  # noqa: F401 - registers the commands
+from ptxseg.cli import data, dicom_node, models, serve, train  # noqa: F401 - registers commands
 from ptxseg.cli.app import app, err_console, print_error
 from ptxseg.errors import PtxsegError
 
