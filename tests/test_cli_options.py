@@ -111,7 +111,7 @@ def test_help_shows_metavars_not_python_types(capsys):
         bad = [line for line in text.splitlines() if python.search(line)]
         assert not bad, (path, bad)
         usage = text.splitlines()[0]
-        assert re.fullmatch(r"Usage: ptxseg( [a-z]+)* \[OPTIONS\]( \[?[A-Z|.]+\]?)*"
+        assert re.fullmatch(r"Usage: ptxseg( [a-z-]+)* \[OPTIONS\]( \[?[A-Z|.]+\]?)*"
                             r"( COMMAND \[ARGS\]\.\.\.)?", usage), usage  # fmt: skip
     text = _help(capsys, "predict")
     assert text.splitlines()[0] == "Usage: ptxseg predict [OPTIONS] RUN INPUT..."

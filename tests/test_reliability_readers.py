@@ -44,6 +44,7 @@ ALLOWED = {
     ("checkpoint.py", "torch.load"): 1,  # the handle open_regular gave
     ("weights.py", "torch.load"): 1,  # the handle open_regular gave
     ("data/imageio.py", "Image.open"): 1,  # the handle open_regular gave
+    ("data/imageio.py", "dcmread"): 1,  # the handle open_regular gave (read_dicom_object)
     ("onnx_runtime.py", "ort.InferenceSession"): 1,  # bytes read by fileio.read_bytes
     ("export.py", "onnx.load"): 1,  # the export it just wrote into its own temporary folder
 }
@@ -152,7 +153,7 @@ def test_a_fifo_as_any_file_is_one_line(run, synth_data, tmp_path):
         ([*predict, "--model", str(ckpt)], f"{ckpt}: {FIFO}"),
         ([*predict, "--model", str(onnx), "--backend", "onnx"], f"{onnx}: {FIFO}"),
         (["predict", str(fifo_best), str(image), "--out", str(tmp_path / "o2")], fifo_in_run),
-        (["tune", str(fifo_data)], f"{fifo_data / 'data.json'}: {FIFO}"),
+        (["tune", str(fifo_data), "--overwrite"], f"{fifo_data / 'data.json'}: {FIFO}"),
         ([*predict, "--thresholds", str(thresholds)], f"{thresholds}: {FIFO}"),
         ([*train, "--out", str(tmp_path / "r2"), "--set", f"model.encoder_weights={weights}"],
          f"model.encoder_weights: {weights}: {FIFO}"),

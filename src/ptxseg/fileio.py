@@ -90,6 +90,21 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
         raise
 
 
+def fsync_dir(folder: str | Path) -> None:
+    """Make the renames and removals in ``folder`` durable (a no-op where folders cannot be
+    opened, Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def not_regular(path: str | Path) -> str | None:
     """``None`` for a regular file (symlinks followed), else what ``path`` is instead:
     ``"a FIFO"``, ``"a socket"``, ``"a device"``, ``"a folder"``, ``"a symlink loop"``,

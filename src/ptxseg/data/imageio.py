@@ -716,6 +716,20 @@ def _dcmread(path: Path, *, stop_before_pixels: bool = True):
         return _read_dicom_header_from(path, fh)
 
 
+def read_dicom_object(path: str | Path):
+    """A whole DICOM object that ptxseg wrote itself (a spooled SEG, SR or Secondary Capture
+    waiting to be sent), read through :func:`ptxseg.fileio.open_regular`; not for images to
+    decode (those go through :func:`read_image` and its checks).
+
+    Raises:
+        DataError: not a regular file, or not a DICOM pydicom can read.
+    """
+    from pydicom import dcmread
+
+    with open_regular(path) as fh, _dicom_errors(path):
+        return dcmread(fh)
+
+
 @contextlib.contextmanager
 def _dicom_errors(path: Path | str) -> Iterator[None]:
     """Corrupt header values surface lazily, when an element is first read (unknown VR,

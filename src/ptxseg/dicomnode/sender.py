@@ -102,9 +102,9 @@ class _DicomSession:
         self.description = description
 
     def send(self, path: Path) -> None:
-        from pydicom import dcmread
+        from ptxseg.data.imageio import read_dicom_object
 
-        ds = dcmread(path)
+        ds = read_dicom_object(path)
         try:
             answer = self.assoc.send_c_store(ds)
         except Exception as exc:  # noqa: BLE001 - no context, aborted association...
@@ -144,9 +144,9 @@ class _StowSession:
         self.timeout_s = timeout_s
 
     def send(self, path: Path) -> None:
-        from pydicom import dcmread
+        from ptxseg.data.imageio import read_dicom_object
 
-        ds = dcmread(path)
+        ds = read_dicom_object(path)
         try:
             self.client.store_instances([ds])
         except Exception as exc:  # noqa: BLE001 - requests' and the client's errors alike

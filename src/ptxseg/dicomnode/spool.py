@@ -35,8 +35,6 @@ and not processed again (``done/KEY.json`` says so).
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
 import shutil
 import threading
@@ -47,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from ptxseg.errors import DataError
-from ptxseg.fileio import atomic_open, write_bytes, write_json
+from ptxseg.fileio import atomic_open, fsync_dir, read_bytes, read_json, write_bytes, write_json
 
 RECEIVED = "received"
 RESULTS = "results"
@@ -66,21 +64,6 @@ def check_uid(uid: str, what: str = "SOP Instance UID") -> str:
     if not (0 < len(uid) <= 64 and _UID.fullmatch(uid)):
         raise DataError(what, f"not a valid UID ({uid[:80]!r})")
     return uid
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make the renames and removals in ``folder`` durable (a no-op where folders cannot be
-    opened, Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -191,7 +174,7 @@ class Spool:
             write_json(self.root / FAILED / f"{key}.json",
                        {"sop_instance_uid": key, "reason": reason, **(record or {})})  # fmt: skip
             if src.exists():  # copied, then removed: a kill between leaves it to fail again
-                write_bytes(self.failed_path(key), src.read_bytes())
+                write_bytes(self.failed_path(key), read_bytes(src, "spooled DICOM", limit=None))
                 src.unlink()
             fsync_dir(self.root / FAILED)
             fsync_dir(self.root / RECEIVED)
@@ -219,8 +202,8 @@ class Spool:
     def result_record(self, key: str) -> dict[str, Any]:
         """The ``result.json`` of ``key`` (empty if it has none)."""
         try:
-            return json.loads((self.results_dir(key) / RESULT_JSON).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            return read_json(self.results_dir(key) / RESULT_JSON, "spool record")
+        except (OSError, ValueError, DataError):
             return {}
 
     def unsent(self, key: str) -> list[tuple[str, Path]]:
@@ -263,5 +246,5 @@ class Spool:
 
     def done_records(self) -> Iterator[dict[str, Any]]:
         for path in sorted((self.root / DONE).glob("*.json")):
-            with contextlib.suppress(OSError, ValueError):
-                yield json.loads(path.read_text(encoding="utf-8"))
+            with contextlib.suppress(OSError, ValueError, DataError):
+                yield read_json(path, "spool record")
